@@ -1,0 +1,28 @@
+"""Data types that cross module boundaries.
+
+Shape legend used across the package: B batch, K candidates per example, T target tokens,
+D embedding size, N corpus size, M proposals.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Passage:
+    """One retrievable unit of the corpus."""
+
+    id: str
+    title: str
+    text: str
+
+
+@dataclass(frozen=True)
+class Example:
+    """A QA example: a question, its reference answers, and the ids of its gold passages if known."""
+
+    id: str
+    question: str
+    answers: tuple[str, ...]
+    gold_ids: tuple[str, ...] = field(default=())
