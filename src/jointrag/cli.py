@@ -1,0 +1,243 @@
+"""The `jointrag` command line: index, retrieve, ask, eval.
+
+Every subcommand has defaults that run on the embedded dataset (SQuAD v1.1 dev part) with the
+default models, so `jointrag eval` alone builds the default index if needed and evaluates the test
+split. User errors print one line and exit with status 2; `--json` prints machine-readable output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .errors import UserError
+
+EXIT_USER_ERROR = 2
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("JOINTRAG_HOME", Path.home() / ".cache" / "jointrag")).expanduser()
+
+
+def default_index_dir() -> Path:
+    return default_home() / "indexes" / "squad-v1.1-dev-minilm"
+
+
+def parse_params(pairs: list[str]) -> dict:
+    """`key=value` index settings; values are ints where they look like ints."""
+    params = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UserError(f"--param expects key=value, got '{pair}'")
+        params[key] = int(value) if value.lstrip("-").isdigit() else value
+    return params
+
+
+def build(args) -> "RetrievalIndex":  # noqa: F821 (imported lazily to keep --help fast)
+    from .corpus import chunk_passages, read_passages
+    from .data import EMBEDDED_SQUAD
+    from .index import build_index
+    from .retriever import load_retriever
+
+    corpus_path = Path(args.corpus) if args.corpus else EMBEDDED_SQUAD
+    if not corpus_path.is_file():
+        raise UserError(f"corpus file {corpus_path} does not exist")
+    passages = read_passages(corpus_path, args.format)
+    if args.chunk_words:
+        passages = chunk_passages(passages, args.chunk_words)
+    retriever = None if args.kind == "bm25" else load_retriever(args.retriever)
+    return build_index(
+        passages,
+        Path(args.out) if args.out else default_index_dir(),
+        retriever=retriever,
+        kind=args.kind,
+        params=parse_params(args.param),
+        batch_size=args.batch_size,
+        source=str(corpus_path),
+    )
+
+
+def open_index(args) -> "RetrievalIndex":  # noqa: F821
+    """The index named by --index, or the default one, built on first use."""
+    from .index import RetrievalIndex, read_manifest
+    from .retriever import load_retriever
+
+    if args.index is None:
+        directory = default_index_dir()
+        if not (directory / "manifest.json").is_file():
+            print(f"building the default index in {directory} (once)", file=sys.stderr)
+            defaults = argparse.Namespace(corpus=None, format=None, chunk_words=None, retriever=None, kind="exact", out=None, param=[], batch_size=64)
+            return build(defaults)
+    else:
+        directory = Path(args.index)
+    manifest = read_manifest(directory)
+    encoder = manifest.get("encoder")
+    retriever = None
+    if encoder is not None:
+        retriever = load_retriever(
+            args.retriever or encoder["name"],
+            pooling=encoder["pooling"],
+            normalize=encoder["normalize"],
+            max_length=encoder["max_length"],
+            passage_template=encoder["passage_template"],
+        )
+    return RetrievalIndex.open(directory, retriever, parse_params(args.param))
+
+
+def print_table(metrics: dict) -> None:
+    width = max(len(key) for key in metrics)
+    for key, value in metrics.items():
+        print(f"{key:<{width}}  {value}")
+
+
+def cmd_index(args) -> None:
+    index = build(args)
+    summary = {"index": str(index.directory), **{k: index.manifest[k] for k in ("kind", "count", "build_seconds")}}
+    print(json.dumps(summary) if args.json else f"built a {summary['kind']} index of {summary['count']} passages in {summary['index']} ({summary['build_seconds']} s)")
+
+
+def cmd_retrieve(args) -> None:
+    from .evaluate import retrieve
+
+    index = open_index(args)
+    results = retrieve(index, args.question, args.k)
+    rows = [
+        {"question": q, "passages": [{"rank": i + 1, "score": round(s, 4), "id": p.id, "title": p.title, "text": p.text} for i, (p, s) in enumerate(zip(r.passages, r.scores))]}
+        for q, r in zip(args.question, results)
+    ]
+    if args.json:
+        print(json.dumps(rows if len(rows) > 1 else rows[0], ensure_ascii=False))
+        return
+    for row in rows:
+        print(f"Q: {row['question']}")
+        for p in row["passages"]:
+            print(f"  {p['rank']:>3}. [{p['score']:.4f}] {p['id']}  {p['text'][:100]}")
+
+
+def cmd_ask(args) -> None:
+    from .evaluate import answer, retrieve
+    from .generator import PromptTemplate, load_generator
+
+    index = open_index(args)
+    generator = load_generator(args.generator)
+    result = retrieve(index, [args.question], args.k)[0]
+    context = result.passages[: args.contexts]
+    prediction = answer(generator, PromptTemplate(), [args.question], [context], max_new_tokens=args.max_new_tokens, num_beams=args.beams)[0]
+    passages = [{"rank": i + 1, "score": round(s, 4), "id": p.id, "title": p.title, "text": p.text, "used": i < args.contexts} for i, (p, s) in enumerate(zip(result.passages, result.scores))]
+    if args.json:
+        print(json.dumps({"question": args.question, "answer": prediction, "passages": passages}, ensure_ascii=False))
+        return
+    print(f"Answer: {prediction}\n\nPassages:")
+    for p in passages:
+        print(f"  {p['rank']:>3}. [{p['score']:.4f}]{' *' if p['used'] else '  '} {p['id']}  {p['text'][:100]}")
+    print("\n(* = given to the generator)")
+
+
+def cmd_eval(args) -> None:
+    from .data import embedded_examples, load_examples
+    from .evaluate import evaluate
+    from .generator import load_generator
+
+    examples = load_examples(args.data, args.data_format) if args.data else embedded_examples(args.split)
+    if args.limit:
+        examples = examples[: args.limit]
+    index = open_index(args)
+    generator = None if args.retrieval_only else load_generator(args.generator)
+    predictions, metrics = evaluate(
+        index, generator, examples, k=args.k, contexts=args.contexts, batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens, num_beams=args.beams,
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "predictions.jsonl", "w") as f:
+        for row in predictions:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    metrics = {"data": args.data or f"embedded:{args.split}", "index": str(index.directory), **metrics}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    if args.json:
+        print(json.dumps(metrics))
+    else:
+        print_table(metrics)
+        print(f"\nwrote {out / 'predictions.jsonl'} and {out / 'metrics.json'}")
+
+
+def add_index_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--index", help="index directory (default: the embedded SQuAD index, built on first use)")
+    parser.add_argument("--retriever", help="query encoder (default: the one named in the index manifest)")
+    parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="search setting, e.g. nprobe=32 or ef_search=256")
+    parser.add_argument("-k", type=int, default=5, help="passages to retrieve (default 5)")
+
+
+def add_generation_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--generator", help="hub id, directory or .gguf file (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--contexts", type=int, default=1, help="top passages put in the prompt (default 1)")
+    parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--beams", type=int, default=1, help="beam size; 1 is greedy")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jointrag", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("index", help="store and encode a corpus and build its index")
+    p.add_argument("--corpus", help="passages: .jsonl, .tsv (DPR) or SQuAD .json, optionally .gz (default: the embedded SQuAD paragraphs)")
+    p.add_argument("--format", choices=["jsonl", "tsv", "squad"], help="corpus format (default: from the file name)")
+    p.add_argument("--out", help="index directory (default: the default index location)")
+    p.add_argument("--kind", choices=["exact", "flat", "hnsw", "ivfpq", "bm25"], default="exact")
+    p.add_argument("--retriever", help="encoder: hub id, directory or sentence-transformers directory (default: all-MiniLM-L6-v2)")
+    p.add_argument("--chunk-words", type=int, help="split passages into chunks of at most N words (DPR uses 100)")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="index setting, e.g. nlist=1024, m=48, M=32")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.set_defaults(run=cmd_index)
+
+    p = commands.add_parser("retrieve", help="print the top-k passages for questions")
+    add_index_options(p)
+    p.add_argument("question", nargs="+")
+    p.set_defaults(run=cmd_retrieve)
+
+    p = commands.add_parser("ask", help="answer a question and show the passages used")
+    add_index_options(p)
+    add_generation_options(p)
+    p.add_argument("question")
+    p.set_defaults(run=cmd_ask)
+
+    p = commands.add_parser("eval", help="answer a QA set; write predictions.jsonl and metrics.json")
+    add_index_options(p)
+    add_generation_options(p)
+    p.add_argument("--data", help="QA file: SQuAD .json, .jsonl (question, answers), DPR .json, NQ-open .jsonl (default: the embedded set)")
+    p.add_argument("--data-format", choices=["squad", "jsonl", "dpr", "nq-open"])
+    p.add_argument("--split", default="test", choices=["train", "dev", "test", "all"], help="split of the embedded set (default test)")
+    p.add_argument("--limit", type=int, help="evaluate only the first N examples")
+    p.add_argument("--retrieval-only", action="store_true", help="skip generation; retrieval metrics only")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--out", default="runs/eval", help="output directory (default runs/eval)")
+    p.set_defaults(run=cmd_eval)
+
+    for sub in commands.choices.values():
+        sub.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        args.run(args)
+    except UserError as error:
+        print(f"jointrag: error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("jointrag: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""Retrieve, answer and score a set of QA examples.
+
+Retrieval metrics: answer recall@k (an answer string inside one of the top k passages) for every
+example, and gold-passage recall@k and MRR@k for examples whose gold passage ids are known.
+Answer metrics: SQuAD EM and token F1 (see `metrics.normalize_answer`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from tqdm.auto import tqdm
+
+from . import metrics
+from .generator import Generator, PromptTemplate
+from .index import RetrievalIndex
+from .types import Example, Passage
+
+
+@dataclass(frozen=True)
+class Retrieved:
+    passages: list[Passage]
+    scores: list[float]
+
+
+def retrieve(index: RetrievalIndex, questions: Sequence[str], k: int) -> list[Retrieved]:
+    """Top-k passages with their scores for each question; missing results (-1) are dropped."""
+    scores, rows = index.search(questions, k)
+    results = []
+    for passages, row_scores in zip(index.passages(rows), scores.tolist()):
+        kept = [(p, s) for p, s in zip(passages, row_scores) if p is not None]
+        results.append(Retrieved([p for p, _ in kept], [s for _, s in kept]))
+    return results
+
+
+def answer(generator: Generator, template: PromptTemplate, questions: Sequence[str], contexts: Sequence[Sequence[Passage]], **generation) -> list[str]:
+    """One answer per question, generated from a prompt that holds its context passages."""
+    return generator.generate([template.render(q, c) for q, c in zip(questions, contexts)], **generation)
+
+
+def recall_cutoffs(k: int) -> list[int]:
+    return sorted({c for c in (1, 5, 10, 20, 100) if c <= k} | {k})
+
+
+def evaluate(
+    index: RetrievalIndex,
+    generator: Generator | None,
+    examples: Sequence[Example],
+    *,
+    k: int = 5,
+    contexts: int = 1,
+    template: PromptTemplate = PromptTemplate(),
+    batch_size: int = 16,
+    max_new_tokens: int = 32,
+    num_beams: int = 1,
+) -> tuple[list[dict], dict]:
+    """Predictions (one dict per example) and aggregate metrics; no generation when `generator` is None."""
+    predictions: list[dict] = []
+    with tqdm(total=len(examples), unit="question", desc="evaluating", dynamic_ncols=True) as bar:
+        for start in range(0, len(examples), batch_size):
+            batch = examples[start : start + batch_size]
+            questions = [e.question for e in batch]
+            retrieved = retrieve(index, questions, k)
+            answers = (
+                answer(generator, template, questions, [r.passages[:contexts] for r in retrieved], max_new_tokens=max_new_tokens, num_beams=num_beams)
+                if generator is not None
+                else [None] * len(batch)
+            )
+            for example, result, prediction in zip(batch, retrieved, answers):
+                predictions.append(score_example(example, result, prediction, k))
+            bar.update(len(batch))
+    return predictions, aggregate(predictions, k)
+
+
+def score_example(example: Example, result: Retrieved, prediction: str | None, k: int) -> dict:
+    ids = [p.id for p in result.passages]
+    texts = [f"{p.title} {p.text}" for p in result.passages]
+    row = {
+        "id": example.id,
+        "question": example.question,
+        "answers": list(example.answers),
+        "prediction": prediction,
+        "passages": [{"id": p.id, "title": p.title, "score": round(s, 4)} for p, s in zip(result.passages, result.scores)],
+        "answer_recall": {c: metrics.answer_recall_at_k(texts, example.answers, c) for c in recall_cutoffs(k)},
+    }
+    if prediction is not None:
+        row["em"] = metrics.exact_match(prediction, example.answers)
+        row["f1"] = metrics.token_f1(prediction, example.answers)
+    if example.gold_ids:
+        row["gold_recall"] = {c: metrics.gold_recall_at_k(ids, example.gold_ids, c) for c in recall_cutoffs(k)}
+        row["mrr"] = metrics.reciprocal_rank(ids, example.gold_ids, k)
+    return row
+
+
+def aggregate(predictions: Sequence[dict], k: int) -> dict:
+    """Means over examples, as percentages; gold metrics over the examples that have gold ids."""
+    with_gold = [p for p in predictions if "gold_recall" in p]
+    answered = [p for p in predictions if "em" in p]
+    out: dict = {"examples": len(predictions), "k": k}
+    if answered:
+        out["em"] = 100 * metrics.mean([p["em"] for p in answered])
+        out["f1"] = 100 * metrics.mean([p["f1"] for p in answered])
+    for c in recall_cutoffs(k):
+        out[f"answer_recall@{c}"] = 100 * metrics.mean([p["answer_recall"][c] for p in predictions])
+    if with_gold:
+        for c in recall_cutoffs(k):
+            out[f"gold_recall@{c}"] = 100 * metrics.mean([p["gold_recall"][c] for p in with_gold])
+        out[f"mrr@{k}"] = 100 * metrics.mean([p["mrr"] for p in with_gold])
+    return {key: round(value, 2) if isinstance(value, float) else value for key, value in out.items()}

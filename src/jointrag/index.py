@@ -1,0 +1,353 @@
+"""Vector and sparse indexes behind one search contract, and the index directory that holds them.
+
+The contract is faiss's: `search(x (n, D), k) -> (scores (n, k), ids (n, k))`, ids are corpus rows,
+-1 where fewer than k results exist. Kinds: "exact" (torch inner product over the stored embeddings),
+"flat", "hnsw", "ivfpq" (faiss), and "bm25" (bm25s; it searches texts, not vectors).
+
+An index directory holds the corpus store, `embeddings.npy` (the passage-tower embeddings, kept so
+that training can score candidates without re-encoding them), the index files, and `manifest.json`,
+written last: a directory without a manifest is not an index. A build goes to a temporary sibling
+directory and replaces the target only when complete, so a failed build leaves an earlier index intact.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Iterable, Protocol, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .corpus import Corpus
+from .errors import UserError
+from .retriever import BiEncoder
+from .types import Passage
+
+KINDS = ("exact", "flat", "hnsw", "ivfpq", "bm25")
+MANIFEST = "manifest.json"
+EMBEDDINGS = "embeddings.npy"
+
+
+class VectorIndex(Protocol):
+    def search(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def save(self, directory: Path) -> None: ...
+
+
+def _pad(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pad (n, k') results to (n, k) with -inf scores and -1 ids."""
+    n, found = ids.shape
+    if found == k:
+        return scores, ids
+    pad_scores = np.full((n, k - found), -np.inf, dtype=np.float32)
+    pad_ids = np.full((n, k - found), -1, dtype=np.int64)
+    return np.concatenate([scores, pad_scores], 1), np.concatenate([ids, pad_ids], 1)
+
+
+class ExactIndex:
+    """Exact maximum inner product search over (N, D) embeddings, which may be memory-mapped.
+
+    The corpus is scanned in blocks so that only one block's scores are in memory at a time.
+    """
+
+    def __init__(self, embeddings: np.ndarray, block: int = 262_144):
+        self.embeddings = embeddings
+        self.block = block
+
+    def __len__(self) -> int:
+        return len(self.embeddings)
+
+    @torch.inference_mode()
+    def search(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        queries = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))  # (n, D)
+        best_scores = torch.full((len(queries), 0), -math.inf)
+        best_ids = torch.zeros((len(queries), 0), dtype=torch.int64)
+        for start in range(0, len(self.embeddings), self.block):
+            block = torch.from_numpy(np.asarray(self.embeddings[start : start + self.block], dtype=np.float32))
+            scores = queries @ block.T  # (n, block)
+            top = scores.topk(min(k, scores.shape[1]), dim=1)
+            merged_scores = torch.cat([best_scores, top.values], 1)
+            merged_ids = torch.cat([best_ids, top.indices + start], 1)
+            keep = merged_scores.topk(min(k, merged_scores.shape[1]), dim=1)
+            best_scores, best_ids = keep.values, merged_ids.gather(1, keep.indices)
+        return _pad(best_scores.numpy(), best_ids.numpy(), k)
+
+    def save(self, directory: Path) -> None:
+        """Nothing to write: the embeddings file is the index."""
+
+
+class FaissIndex:
+    """A faiss inner-product index: flat, HNSW or IVF-PQ."""
+
+    def __init__(self, index, kind: str):
+        self.index = index
+        self.kind = kind
+
+    def __len__(self) -> int:
+        return self.index.ntotal
+
+    @staticmethod
+    def default_params(kind: str, count: int, dim: int) -> dict:
+        """Build and search settings; IVF-PQ's adapt to the corpus size so small corpora still train."""
+        if kind == "hnsw":
+            return {"M": 32, "ef_construction": 200, "ef_search": 128}
+        if kind == "ivfpq":
+            m = next(m for m in (dim // 8, dim // 4, dim // 2, dim) if m > 0 and dim % m == 0)
+            return {
+                "nlist": max(1, min(int(4 * math.sqrt(count)), count // 39)),
+                "m": m,
+                "nbits": 8 if count >= 256 * 39 else max(1, min(8, int(math.log2(max(count, 2))) - 1)),
+                "nprobe": 16,
+            }
+        return {}
+
+    @classmethod
+    def build(cls, embeddings: np.ndarray, kind: str, params: dict, batch: int = 100_000) -> "FaissIndex":
+        import faiss
+
+        count, dim = embeddings.shape
+        if kind == "flat":
+            index = faiss.IndexFlatIP(dim)
+        elif kind == "hnsw":
+            index = faiss.IndexHNSWFlat(dim, params["M"], faiss.METRIC_INNER_PRODUCT)
+            index.hnsw.efConstruction = params["ef_construction"]
+        else:
+            quantizer = faiss.IndexFlatIP(dim)
+            index = faiss.IndexIVFPQ(quantizer, dim, params["nlist"], params["m"], params["nbits"], faiss.METRIC_INNER_PRODUCT)
+            sample = np.random.default_rng(0).choice(count, size=min(count, 256 * max(params["nlist"], 2**params["nbits"])), replace=False)
+            index.train(np.ascontiguousarray(embeddings[np.sort(sample)], dtype=np.float32))
+        for start in range(0, count, batch):
+            index.add(np.ascontiguousarray(embeddings[start : start + batch], dtype=np.float32))
+        built = cls(index, kind)
+        built.configure(params)
+        return built
+
+    def configure(self, params: dict) -> None:
+        """Apply search-time settings (HNSW efSearch, IVF nprobe)."""
+        import faiss
+
+        if self.kind == "hnsw":
+            self.index.hnsw.efSearch = params.get("ef_search", 128)
+        elif self.kind == "ivfpq":
+            faiss.extract_index_ivf(self.index).nprobe = params.get("nprobe", 16)
+
+    def search(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        scores, ids = self.index.search(np.ascontiguousarray(x, dtype=np.float32), k)
+        return scores, ids.astype(np.int64)
+
+    def save(self, directory: Path) -> None:
+        import faiss
+
+        faiss.write_index(self.index, str(directory / "index.faiss"))
+
+    @classmethod
+    def load(cls, directory: Path, kind: str, params: dict) -> "FaissIndex":
+        import faiss
+
+        loaded = cls(faiss.read_index(str(directory / "index.faiss")), kind)
+        loaded.configure(params)
+        return loaded
+
+
+class BM25Index:
+    """Sparse BM25 baseline (bm25s); searches query texts instead of vectors."""
+
+    def __init__(self, model):
+        self.model = model
+
+    @classmethod
+    def build(cls, texts: list[str]) -> "BM25Index":
+        import bm25s
+
+        model = bm25s.BM25()
+        model.index(bm25s.tokenize(texts, stopwords="en", show_progress=False), show_progress=False)
+        return cls(model)
+
+    def search_texts(self, queries: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]:
+        import bm25s
+
+        count = self.model.scores["num_docs"]
+        tokens = bm25s.tokenize(list(queries), stopwords="en", show_progress=False)
+        ids, scores = self.model.retrieve(tokens, k=min(k, count), show_progress=False, n_threads=0)
+        return _pad(scores.astype(np.float32), ids.astype(np.int64), k)
+
+    def save(self, directory: Path) -> None:
+        self.model.save(str(directory / "bm25"))
+
+    @classmethod
+    def load(cls, directory: Path) -> "BM25Index":
+        import bm25s
+
+        return cls(bm25s.BM25.load(str(directory / "bm25")))
+
+
+def encode_corpus(
+    retriever: BiEncoder, corpus: Corpus, path: Path, *, batch_size: int = 64, chunk: int = 8192
+) -> np.ndarray:
+    """Encode every passage with the passage tower into a memory-mapped (N, D) float32 file.
+
+    Passages are read and encoded `chunk` at a time, so memory stays flat whatever the corpus size.
+    """
+    tower = retriever.passage_encoder
+    embeddings = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(len(corpus), tower.dim))
+    with tqdm(total=len(corpus), unit="passage", desc="encoding corpus", dynamic_ncols=True) as bar:
+        row = 0
+        for passages in corpus.iter_batches(chunk):
+            embeddings[row : row + len(passages)] = tower.encode(retriever.passage_texts(passages), batch_size)
+            row += len(passages)
+            bar.update(len(passages))
+    embeddings.flush()
+    return embeddings
+
+
+def _replace_directory(new: Path, target: Path) -> None:
+    """Move a complete build into place; an existing index there is swapped out, not overwritten."""
+    if target.exists():
+        if any(target.iterdir()) and not (target / MANIFEST).is_file():
+            raise UserError(f"{target} exists and is not an index directory; choose another --out")
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        target.rename(old)
+        new.rename(target)
+        shutil.rmtree(old)
+    else:
+        new.rename(target)
+
+
+def build_index(
+    passages: Iterable[Passage],
+    out: Path | str,
+    *,
+    retriever: BiEncoder | None,
+    kind: str = "exact",
+    params: dict | None = None,
+    batch_size: int = 64,
+    source: str | None = None,
+) -> "RetrievalIndex":
+    """Store the corpus, encode it, build the index and write the manifest last."""
+    if kind not in KINDS:
+        raise UserError(f"index kind must be one of {', '.join(KINDS)}, not '{kind}'")
+    if kind != "bm25" and retriever is None:
+        raise UserError(f"a '{kind}' index needs a retriever to encode the corpus")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+        raise UserError(f"{out} exists and is not an index directory; choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    started = time.time()
+    try:
+        corpus = Corpus.build(passages, tmp)
+        if len(corpus) == 0:
+            raise UserError(f"the corpus {source or ''} holds no passages")
+        manifest: dict = {"format": 1, "kind": kind, "count": len(corpus)}
+        if kind == "bm25":
+            texts = [f"{p.title} {p.text}" for batch in corpus.iter_batches(8192) for p in batch]
+            BM25Index.build(texts).save(tmp)
+            manifest["encoder"] = None
+        else:
+            embeddings = encode_corpus(retriever, corpus, tmp / EMBEDDINGS, batch_size=batch_size)
+            params = {**FaissIndex.default_params(kind, len(corpus), embeddings.shape[1]), **(params or {})}
+            if kind != "exact":
+                FaissIndex.build(embeddings, kind, params).save(tmp)
+            manifest["encoder"] = retriever.identity()
+            manifest["dim"] = int(embeddings.shape[1])
+        manifest["params"] = params or {}
+        manifest["corpus"] = {"fingerprint": corpus.fingerprint, "count": len(corpus), "source": source}
+        manifest["build_seconds"] = round(time.time() - started, 1)
+        manifest["jointrag_version"] = __version__
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        _replace_directory(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return RetrievalIndex.open(out, retriever)
+
+
+def read_manifest(directory: Path | str) -> dict:
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise UserError(
+            f"{directory} is not an index (no {MANIFEST}); build one with `jointrag index --corpus PATH --out DIR`"
+        )
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise UserError(f"{path}: not valid JSON ({error})") from None
+
+
+def check_encoder(manifest: dict, retriever: BiEncoder, directory: Path) -> None:
+    """Refuse to search an index with a passage tower other than the one that built it."""
+    built = manifest["encoder"]
+    current = retriever.identity()
+    diffs = [key for key in ("fingerprint", "pooling", "normalize", "max_length", "passage_template", "dim") if built.get(key) != current[key]]
+    if diffs:
+        raise UserError(
+            f"index {directory} was built with passage encoder '{built['name']}' "
+            f"(fingerprint {built['fingerprint']}), but the retriever given is '{current['name']}' "
+            f"(fingerprint {current['fingerprint']}); they differ in {', '.join(diffs)}. "
+            "Use the encoder that built the index, or rebuild it with `jointrag index`."
+        )
+
+
+class RetrievalIndex:
+    """An opened index directory: corpus, vectors (or BM25), manifest, and the retriever to query it."""
+
+    def __init__(self, directory: Path, manifest: dict, corpus: Corpus, retriever: BiEncoder | None, vectors, bm25):
+        self.directory = directory
+        self.manifest = manifest
+        self.corpus = corpus
+        self.retriever = retriever
+        self.vectors = vectors
+        self.bm25 = bm25
+
+    @classmethod
+    def open(cls, directory: Path | str, retriever: BiEncoder | None = None, search_params: dict | None = None) -> "RetrievalIndex":
+        """Open and verify an index. A dense index needs the retriever whose passage tower built it."""
+        directory = Path(directory)
+        manifest = read_manifest(directory)
+        corpus = Corpus.open(directory)
+        if corpus.fingerprint != manifest["corpus"]["fingerprint"]:
+            raise UserError(f"{directory}: the corpus does not match the one the index was built over; rebuild it")
+        kind = manifest["kind"]
+        if kind == "bm25":
+            return cls(directory, manifest, corpus, retriever, None, BM25Index.load(directory))
+        if retriever is None:
+            raise UserError(f"a '{kind}' index needs a retriever to encode queries")
+        check_encoder(manifest, retriever, directory)
+        params = {**manifest.get("params", {}), **(search_params or {})}
+        if kind == "exact":
+            vectors = ExactIndex(np.load(directory / EMBEDDINGS, mmap_mode="r"))
+        else:
+            vectors = FaissIndex.load(directory, kind, params)
+        return cls(directory, manifest, corpus, retriever, vectors, None)
+
+    @property
+    def kind(self) -> str:
+        return self.manifest["kind"]
+
+    def search(self, questions: Sequence[str], k: int, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (scores (B, k), rows (B, k)) for each question, -1 rows where fewer exist. No gradient."""
+        if self.bm25 is not None:
+            return self.bm25.search_texts(questions, k)
+        return self.vectors.search(self.retriever.encode_queries(questions, batch_size), k)
+
+    def passages(self, rows: np.ndarray) -> list[list[Passage | None]]:
+        """Passages for a (B, k) array of rows."""
+        return [self.corpus.get(list(r)) for r in rows.tolist()]
+
+    def embeddings(self, rows: np.ndarray) -> torch.Tensor:
+        """Stored passage embeddings (B, K, D) of the given rows (row -1 gives zeros)."""
+        stored = np.load(self.directory / EMBEDDINGS, mmap_mode="r")
+        flat = rows.reshape(-1)
+        out = np.zeros((len(flat), stored.shape[1]), dtype=np.float32)
+        valid = flat >= 0
+        out[valid] = stored[flat[valid]]
+        return torch.from_numpy(out.reshape(*rows.shape, stored.shape[1]))
