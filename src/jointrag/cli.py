@@ -57,6 +57,7 @@ def build(args) -> "RetrievalIndex":  # noqa: F821 (imported lazily to keep --he
         kind=args.kind,
         params=parse_params(args.param),
         batch_size=args.batch_size,
+        precision=args.precision,
         source=str(corpus_path),
     )
 
@@ -70,7 +71,7 @@ def open_index(args) -> "RetrievalIndex":  # noqa: F821
         directory = default_index_dir()
         if not (directory / "manifest.json").is_file():
             print(f"building the default index in {directory} (once)", file=sys.stderr)
-            defaults = argparse.Namespace(corpus=None, format=None, chunk_words=None, retriever=None, kind="exact", out=None, param=[], batch_size=64)
+            defaults = argparse.Namespace(corpus=None, format=None, chunk_words=None, retriever=None, kind="exact", out=None, param=[], batch_size=64, precision="auto")
             return build(defaults)
     else:
         directory = Path(args.index)
@@ -192,6 +193,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-words", type=int, help="split passages into chunks of at most N words (DPR uses 100)")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="index setting, e.g. nlist=1024, m=48, M=32")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="corpus encoding precision; auto = bf16 where the hardware runs it fast")
     p.set_defaults(run=cmd_index)
 
     p = commands.add_parser("retrieve", help="print the top-k passages for questions")

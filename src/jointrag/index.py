@@ -28,6 +28,7 @@ from . import __version__
 from .corpus import Corpus
 from .errors import UserError
 from .retriever import BiEncoder
+from .runtime import resolve_precision
 from .types import Passage
 
 KINDS = ("exact", "flat", "hnsw", "ivfpq", "bm25")
@@ -70,7 +71,7 @@ class ExactIndex:
         best_scores = torch.full((len(queries), 0), -math.inf)
         best_ids = torch.zeros((len(queries), 0), dtype=torch.int64)
         for start in range(0, len(self.embeddings), self.block):
-            block = torch.from_numpy(np.asarray(self.embeddings[start : start + self.block], dtype=np.float32))
+            block = torch.from_numpy(np.array(self.embeddings[start : start + self.block], dtype=np.float32))
             scores = queries @ block.T  # (n, block)
             top = scores.topk(min(k, scores.shape[1]), dim=1)
             merged_scores = torch.cat([best_scores, top.values], 1)
@@ -189,7 +190,7 @@ class BM25Index:
 
 
 def encode_corpus(
-    retriever: BiEncoder, corpus: Corpus, path: Path, *, batch_size: int = 64, chunk: int = 8192
+    retriever: BiEncoder, corpus: Corpus, path: Path, *, batch_size: int = 64, precision: str = "fp32", chunk: int = 8192
 ) -> np.ndarray:
     """Encode every passage with the passage tower into a memory-mapped (N, D) float32 file.
 
@@ -200,7 +201,7 @@ def encode_corpus(
     with tqdm(total=len(corpus), unit="passage", desc="encoding corpus", dynamic_ncols=True) as bar:
         row = 0
         for passages in corpus.iter_batches(chunk):
-            embeddings[row : row + len(passages)] = tower.encode(retriever.passage_texts(passages), batch_size)
+            embeddings[row : row + len(passages)] = tower.encode(retriever.passage_texts(passages), batch_size, precision)
             row += len(passages)
             bar.update(len(passages))
     embeddings.flush()
@@ -228,6 +229,7 @@ def build_index(
     kind: str = "exact",
     params: dict | None = None,
     batch_size: int = 64,
+    precision: str = "auto",
     source: str | None = None,
 ) -> "RetrievalIndex":
     """Store the corpus, encode it, build the index and write the manifest last."""
@@ -245,15 +247,15 @@ def build_index(
     started = time.time()
     try:
         corpus = Corpus.build(passages, tmp)
-        if len(corpus) == 0:
-            raise UserError(f"the corpus {source or ''} holds no passages")
         manifest: dict = {"format": 1, "kind": kind, "count": len(corpus)}
         if kind == "bm25":
             texts = [f"{p.title} {p.text}" for batch in corpus.iter_batches(8192) for p in batch]
             BM25Index.build(texts).save(tmp)
             manifest["encoder"] = None
         else:
-            embeddings = encode_corpus(retriever, corpus, tmp / EMBEDDINGS, batch_size=batch_size)
+            precision = resolve_precision(precision, retriever.passage_encoder.device)
+            embeddings = encode_corpus(retriever, corpus, tmp / EMBEDDINGS, batch_size=batch_size, precision=precision)
+            manifest["precision"] = precision
             params = {**FaissIndex.default_params(kind, len(corpus), embeddings.shape[1]), **(params or {})}
             if kind != "exact":
                 FaissIndex.build(embeddings, kind, params).save(tmp)

@@ -1,0 +1,38 @@
+"""Device and precision: the one place that decides where tensors live and which dtype math runs in."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """Whether bf16 matrix math is fast here: CUDA with bf16, or a CPU with AVX512-BF16/AMX."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`auto` means bf16 where the device runs it fast, else fp32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
+    if precision == "auto":
+        return "bf16" if bf16_supported(device) else "fp32"
+    return precision
+
+
+def autocast(device: torch.device, precision: str):
+    """A bf16 autocast context for `bf16`, a no-op for `fp32`."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")

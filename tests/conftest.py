@@ -1,0 +1,70 @@
+"""Tiny randomly initialised models built from configs: no downloads, a few MB, fast on a CPU.
+
+They share one byte-level BPE tokenizer trained in memory on the fixture texts, so any text
+tokenises (no unknown words) and the tests exercise the same loading code as real checkpoints.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    BartConfig,
+    BartForConditionalGeneration,
+    BertConfig,
+    BertModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
+
+from jointrag.types import Passage
+
+PASSAGES = [
+    Passage("p0", "Paris", "Paris is the capital and largest city of France."),
+    Passage("p1", "Berlin", "Berlin is the capital of Germany and its largest city."),
+    Passage("p2", "Rome", "Rome is the capital city of Italy, founded on seven hills."),
+    Passage("p3", "Madrid", "Madrid is the capital of Spain, in the centre of the country."),
+    Passage("p4", "Lisbon", "Lisbon is the capital of Portugal, on the Atlantic coast."),
+    Passage("p5", "Vienna", "Vienna is the capital of Austria, on the river Danube."),
+    Passage("p6", "Super Bowl 50", "The Denver Broncos won Super Bowl 50 against the Carolina Panthers."),
+    Passage("p7", "Photosynthesis", "Plants turn light, water and carbon dioxide into sugar and oxygen."),
+]
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<mask>"]
+
+
+def make_tokenizer() -> PreTrainedTokenizerFast:
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    texts = [f"{p.title} {p.text}" for p in PASSAGES] + ["What is the capital of France? Answer: Paris"]
+    backend.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        cls_token="<s>", sep_token="</s>", mask_token="<mask>",
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """Directory with `encoder/` (BERT), `causal/` (Llama) and `seq2seq/` (BART) tiny checkpoints."""
+    root = tmp_path_factory.mktemp("tiny-models")
+    tokenizer = make_tokenizer()
+    vocab = len(tokenizer)
+    torch.manual_seed(0)
+    models_ = {
+        "encoder": BertModel(BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=256, pad_token_id=0)),
+        "causal": LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, intermediate_size=64, max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+        "seq2seq": BartForConditionalGeneration(BartConfig(vocab_size=vocab, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=2, forced_bos_token_id=None)),
+    }
+    for name, model in models_.items():
+        model.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+    return root
+
+
+@pytest.fixture
+def passages():
+    return list(PASSAGES)
