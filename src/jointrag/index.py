@@ -109,11 +109,26 @@ class FaissIndex:
             }
         return {}
 
+    @staticmethod
+    def check_params(kind: str, params: dict, count: int, dim: int) -> None:
+        """Refuse settings faiss would crash on, with the reason and the allowed range."""
+        for key, value in params.items():
+            if not isinstance(value, int) or value < 1:
+                raise UserError(f"index setting {key}={value!r} must be a positive integer")
+        if kind == "ivfpq":
+            if params["nlist"] > count:
+                raise UserError(f"nlist={params['nlist']} is larger than the corpus ({count} passages); use nlist <= {count}")
+            if dim % params["m"]:
+                raise UserError(f"m={params['m']} must divide the embedding dimension {dim}")
+            if 2 ** params["nbits"] > count or params["nbits"] > 16:
+                raise UserError(f"nbits={params['nbits']} needs at least {2 ** params['nbits']} passages to train (corpus: {count}) and at most 16")
+
     @classmethod
     def build(cls, embeddings: np.ndarray, kind: str, params: dict, batch: int = 100_000) -> "FaissIndex":
         import faiss
 
         count, dim = embeddings.shape
+        cls.check_params(kind, params, count, dim)
         if kind == "flat":
             index = faiss.IndexFlatIP(dim)
         elif kind == "hnsw":
@@ -141,6 +156,7 @@ class FaissIndex:
 
     def search(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         scores, ids = self.index.search(np.ascontiguousarray(x, dtype=np.float32), k)
+        scores[ids < 0] = -np.inf  # faiss pads with -FLT_MAX; the contract says -inf
         return scores, ids.astype(np.int64)
 
     def save(self, directory: Path) -> None:
@@ -237,8 +253,8 @@ def build_index(
         raise UserError(f"index kind must be one of {', '.join(KINDS)}, not '{kind}'")
     if kind != "bm25" and retriever is None:
         raise UserError(f"a '{kind}' index needs a retriever to encode the corpus")
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+    out = Path(out).resolve()
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).is_file())):
         raise UserError(f"{out} exists and is not an index directory; choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import UserError
+from .errors import UserError, local_path
 from .runtime import autocast
 from .types import Passage
 
@@ -156,14 +156,18 @@ def load_encoder(
     from transformers import AutoModel, AutoTokenizer
 
     name = name_or_path or DEFAULT_RETRIEVER
-    path = default_retriever_path() if name in (DEFAULT_RETRIEVER, f"sentence-transformers/{DEFAULT_RETRIEVER}") else Path(name)
+    if name in (DEFAULT_RETRIEVER, f"sentence-transformers/{DEFAULT_RETRIEVER}"):
+        path = default_retriever_path()
+    else:
+        path = local_path(name, "retriever")
+        name = str(path) if path.exists() else name  # an index manifest must name it from anywhere
     declared = _sentence_transformers_settings(path) if path.is_dir() else {}
     location = str(path) if path.exists() else name
     try:
         tokenizer = AutoTokenizer.from_pretrained(location)
         model = AutoModel.from_pretrained(location)
     except (OSError, ValueError) as error:
-        raise UserError(f"cannot load retriever '{name}': {str(error).splitlines()[0]}") from None
+        raise UserError(f"cannot load retriever '{name}': {' '.join(str(error).split())}") from None
     return Encoder(
         model,
         tokenizer,
