@@ -47,6 +47,17 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_faiss_thread():
+    """Faiss's OpenMP threads spin for seconds on a busy machine; the tiny indexes need one."""
+    import faiss
+
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """Directory with `encoder/` (BERT), `causal/` (Llama) and `seq2seq/` (BART) tiny checkpoints."""

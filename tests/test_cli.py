@@ -29,17 +29,6 @@ def isolated_home(tmp_path, monkeypatch):
     assert not (tmp_path / "home").exists()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_faiss_thread():
-    """Faiss's OpenMP threads spin for seconds on a busy machine; the tiny indexes need one."""
-    import faiss
-
-    threads = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(threads)
-
-
 def write_jsonl(path: Path, rows) -> Path:
     path.write_text("".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows))
     return path

@@ -23,17 +23,6 @@ from jointrag.types import Passage
 QUESTIONS = ["What is the capital of France?", "Who won Super Bowl 50?", "Which river flows through Vienna?"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_faiss_thread():
-    """Faiss's OpenMP threads spin for seconds on a busy machine; the tiny indexes need one."""
-    import faiss
-
-    threads = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def retriever(tiny_dir):
     return load_retriever(str(tiny_dir / "encoder"))

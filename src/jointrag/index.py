@@ -217,9 +217,8 @@ def encode_corpus(
     with tqdm(total=len(corpus), unit="passage", desc="encoding corpus", dynamic_ncols=True) as bar:
         row = 0
         for passages in corpus.iter_batches(chunk):
-            embeddings[row : row + len(passages)] = tower.encode(retriever.passage_texts(passages), batch_size, precision)
+            embeddings[row : row + len(passages)] = tower.encode(retriever.passage_texts(passages), batch_size, precision, bar.update)
             row += len(passages)
-            bar.update(len(passages))
     embeddings.flush()
     return embeddings
 

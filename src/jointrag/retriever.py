@@ -14,7 +14,7 @@ import hashlib
 import importlib.util
 import json
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -117,11 +117,13 @@ class Encoder(nn.Module):
         return embeddings
 
     @torch.inference_mode()
-    def encode(self, texts: Sequence[str], batch_size: int = 64, precision: str = "fp32") -> np.ndarray:
+    def encode(
+        self, texts: Sequence[str], batch_size: int = 64, precision: str = "fp32", on_batch: Callable[[int], object] | None = None
+    ) -> np.ndarray:
         """Embeddings (n, D) as float32, without gradient.
 
         Texts are encoded in order of length so that a batch pads to similar lengths; the result is
-        in the input order. `precision="bf16"` runs the model under bf16 autocast: about twice as
+        in the input order; `on_batch(n)` is called after each batch (progress bars). `precision="bf16"` runs the model under bf16 autocast: about twice as
         fast on CPUs with AVX512-BF16, cosine to the fp32 embeddings above 0.9999 on MiniLM.
         """
         order = np.argsort([-len(t) for t in texts], kind="stable")
@@ -130,6 +132,8 @@ class Encoder(nn.Module):
             for start in range(0, len(texts), batch_size):
                 rows = order[start : start + batch_size]
                 out[rows] = self([texts[i] for i in rows]).float().cpu().numpy()
+                if on_batch is not None:
+                    on_batch(len(rows))
         return out
 
     def fingerprint(self) -> str:
