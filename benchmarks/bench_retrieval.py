@@ -23,6 +23,7 @@ Prints the machine, the figures and a Markdown table; writes everything to `--ou
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -77,6 +78,21 @@ def cpu_busy_seconds() -> tuple[float, float]:
     return busy / os.sysconf("SC_CLK_TCK"), usage.ru_utime + usage.ru_stime
 
 
+@contextlib.contextmanager
+def quiet_stderr():
+    """Silence file descriptor 2 (faiss prints k-means "please provide at least N training points"
+    warnings there when IVF-PQ trains on a small corpus; errors still raise)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -85,7 +101,6 @@ def log(message: str) -> None:
 
 
 def bench_encoding(args, retriever, passages, examples, precisions: list[str]) -> dict:
-    import torch
     from sentence_transformers import SentenceTransformer
 
     from jointrag.index import ExactIndex
@@ -142,8 +157,6 @@ def bench_encoding(args, retriever, passages, examples, precisions: list[str]) -
                        / (np.linalg.norm(embeddings[name], axis=1) * np.linalg.norm(embeddings["sentence-transformers"], axis=1)))
             ),
         }
-    del st
-    torch.set_num_threads(args.threads)
     return {
         "passages": len(texts),
         "test_questions_scored": len(scored),
@@ -157,17 +170,20 @@ def bench_encoding(args, retriever, passages, examples, precisions: list[str]) -
 # --- part 2: search overhead -----------------------------------------------------------------------------
 
 
-def timed_pairs(ours, raw, repeats: int, min_sample_s: float = 0.2) -> tuple[float, float, list[float], list[float]]:
+def timed_pairs(ours, raw, repeats: int, min_sample_s: float = 0.2, warmup_s: float = 1.0) -> tuple[float, float, list[float], list[float]]:
     """Median seconds per call of `ours()` and `raw()`, run alternately.
 
-    After one warm-up call each, every sample times `calls` back-to-back calls (enough for about
-    `min_sample_s`, the same count for both sides) and divides, so that millisecond searches are not
-    lost in timer and scheduler noise.
+    After warm-up calls (at least one each, for at least `warmup_s`), every sample times `calls`
+    back-to-back calls (enough for about `min_sample_s`, the same count for both sides) and divides,
+    so that millisecond searches are not lost in timer and scheduler noise.
     """
     started = time.perf_counter()
-    ours()
-    raw()
-    calls = max(1, math.ceil(min_sample_s / max((time.perf_counter() - started) / 2, 1e-6)))
+    warmups = 0
+    while warmups < 1 or time.perf_counter() - started < warmup_s:
+        ours()
+        raw()
+        warmups += 1
+    calls = max(1, math.ceil(min_sample_s / max((time.perf_counter() - started) / (2 * warmups), 1e-6)))
     t_ours, t_raw = [], []
     for r in range(repeats):
         pair = [("ours", ours), ("raw", raw)] if r % 2 == 0 else [("raw", raw), ("ours", ours)]
@@ -185,44 +201,39 @@ def recall_vs_exact(ids: np.ndarray, exact_ids: np.ndarray) -> float:
 
 
 def bench_search(name: str, emb: np.ndarray, queries: np.ndarray, repeats: int) -> dict:
-    import faiss
-
     from jointrag.index import ExactIndex, FaissIndex
 
     n, d = emb.shape
     emb = np.ascontiguousarray(emb, dtype=np.float32)
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     rows = {}
-
-    # exact: our torch scan vs a raw faiss flat index over the same vectors
-    exact = ExactIndex(emb)
-    raw_flat = faiss.IndexFlatIP(d)
-    raw_flat.add(emb)
-    ours_t, raw_t, all_ours, all_raw = timed_pairs(lambda: exact.search(queries, K_SEARCH), lambda: raw_flat.search(queries, K_SEARCH), repeats)
-    _, exact_ids = raw_flat.search(queries, K_SEARCH)
-    _, our_exact_ids = exact.search(queries, K_SEARCH)
-    rows["exact"] = {
-        "ours_s": ours_t, "raw_s": raw_t, "overhead_pct": (ours_t / raw_t - 1) * 100,
-        "ours_all_s": all_ours, "raw_all_s": all_raw, "raw": "faiss.IndexFlatIP",
-        "recall_at_10_vs_exact": recall_vs_exact(our_exact_ids, exact_ids), "build_s": 0.0,
-    }
-    log(f"  search {name} exact : ours {ours_t * 1e3:.2f} ms, raw {raw_t * 1e3:.2f} ms")
-
-    for kind in ("flat", "hnsw", "ivfpq"):
-        params = FaissIndex.default_params(kind, n, d)
+    exact_ids = flat = None
+    # flat first: its underlying faiss.IndexFlatIP is then, already warm, the raw baseline of "exact"
+    for kind in ("flat", "exact", "hnsw", "ivfpq"):
         started = time.perf_counter()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ours = FaissIndex.build(emb, kind, params)
+        if kind == "exact":
+            ours, raw = ExactIndex(emb), flat.index  # raw: a plain faiss.IndexFlatIP over the same vectors
+        else:
+            with warnings.catch_warnings(), quiet_stderr():
+                warnings.simplefilter("ignore")
+                ours = FaissIndex.build(emb, kind, FaissIndex.default_params(kind, n, d))
+            raw = ours.index  # the very faiss object our wrapper searches
         build_s = time.perf_counter() - started
-        ours_t, raw_t, all_ours, all_raw = timed_pairs(lambda: ours.search(queries, K_SEARCH), lambda: ours.index.search(queries, K_SEARCH), repeats)
+        if kind == "flat":
+            flat = ours
+        ours_t, raw_t, all_ours, all_raw = timed_pairs(lambda: ours.search(queries, K_SEARCH), lambda: raw.search(queries, K_SEARCH), repeats)
         _, ids = ours.search(queries, K_SEARCH)
+        if exact_ids is None:
+            exact_ids = ids  # faiss flat: exact inner-product search
         rows[kind] = {
             "ours_s": ours_t, "raw_s": raw_t, "overhead_pct": (ours_t / raw_t - 1) * 100,
-            "ours_all_s": all_ours, "raw_all_s": all_raw, "raw": "same faiss index, .search",
-            "recall_at_10_vs_exact": recall_vs_exact(ids, exact_ids), "build_s": build_s, "params": params,
+            "ours_all_s": all_ours, "raw_all_s": all_raw,
+            "raw": "faiss.IndexFlatIP.search (same vectors)" if kind == "exact" else "same faiss index object, .search",
+            "recall_at_10_vs_exact": recall_vs_exact(ids, exact_ids), "build_s": build_s,
+            "params": FaissIndex.default_params(kind, n, d),
         }
         log(f"  search {name} {kind:5s} (built in {build_s:.1f} s): ours {ours_t * 1e3:.2f} ms, raw {raw_t * 1e3:.2f} ms")
+    rows = {kind: rows[kind] for kind in ("exact", "flat", "hnsw", "ivfpq")}
     return {"count": n, "dim": d, "queries": len(queries), "k": K_SEARCH, "indexes": rows}
 
 
@@ -250,14 +261,15 @@ def markdown(report: dict) -> str:
         "| encoder | seconds | passages/s | × sentence-transformers | gold recall@5 (%) |",
         "|---|---:|---:|---:|---:|",
     ]
-    for name, row in enc["encoders"].items():
-        lines.append(f"| {name} | {row['seconds_best']:.2f} | {row['passages_per_s']:.1f} | {row['speedup_vs_st']:.2f} | {fmt_recall(row['recall_at_5'])} |")
     g = report["goals"]
+    for name, row in enc["encoders"].items():
+        label = f"{name} (auto)" if name == f"ours {g['auto_precision']}" and g["auto_precision"] != "fp32" else name
+        lines.append(f"| {label} | {row['seconds_best']:.2f} | {row['passages_per_s']:.1f} | {row['speedup_vs_st']:.2f} | {fmt_recall(row['recall_at_5'])} |")
     lines += [
         "",
         f"recall@5 of ours {g['auto_precision']} − ours fp32: {g['recall_diff_points']:+.2f} points" if g["recall_diff_points"] is not None else "recall@5 difference: n/a",
         "",
-        f"Search: {N_QUERIES} queries, k={K_SEARCH}, median of {report['config']['search_repeats']} interleaved runs",
+        f"Search: {N_QUERIES} queries, k={K_SEARCH}, median of {report['config']['search_repeats']} interleaved samples",
         "",
         "| set | index | ours (ms) | raw faiss (ms) | overhead (%) | recall@10 vs exact |",
         "|---|---|---:|---:|---:|---:|",
@@ -367,7 +379,6 @@ def main(argv=None) -> int:
         "goals": goals,
         "total_seconds": time.perf_counter() - started,
     }
-    report["config"]["repeats"] = args.repeats
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(markdown(report).split("\n", 1)[1])  # the machine line is already printed
