@@ -1,4 +1,4 @@
-"""The `jointrag` command line: index, retrieve, ask, eval.
+"""The `jointrag` command line: index, retrieve, ask, eval, train, plot.
 
 Every subcommand has defaults that run on the embedded dataset (SQuAD v1.1 dev part) with the
 default models, so `jointrag eval` alone builds the default index if needed and evaluates the test
@@ -79,29 +79,35 @@ def build(args) -> "RetrievalIndex":  # noqa: F821 (imported lazily to keep --he
 
 def open_index(args) -> "RetrievalIndex":  # noqa: F821
     """The index named by --index, or the default one, built on first use."""
+    return resolve_index(args.index, args.retriever, parse_params(args.param))
+
+
+def resolve_index(index: str | None, retriever_name: str | None = None, params: dict | None = None) -> "RetrievalIndex":  # noqa: F821
+    """Open `index` (default: the embedded SQuAD index, built on first use) with its passage tower
+    and the query tower `retriever_name` (default: the encoder named in the manifest)."""
     from .index import RetrievalIndex, read_manifest
     from .retriever import load_retriever
 
-    if args.index is None:
+    if index is None:
         directory = default_index_dir()
         if not (directory / "manifest.json").is_file():
             print(f"building the default index in {directory} (once)", file=sys.stderr)
             defaults = argparse.Namespace(corpus=None, format=None, chunk_words=None, retriever=None, kind="exact", out=None, param=[], batch_size=64, precision="auto")
             return build(defaults)
     else:
-        directory = Path(args.index)
+        directory = Path(index)
     manifest = read_manifest(directory)
     encoder = manifest.get("encoder")
     retriever = None
     if encoder is not None:
         retriever = load_retriever(
-            args.retriever or encoder["name"],
+            retriever_name or encoder["name"],
             pooling=encoder["pooling"],
             normalize=encoder["normalize"],
             max_length=encoder["max_length"],
             passage_template=encoder["passage_template"],
         )
-    return RetrievalIndex.open(directory, retriever, parse_params(args.param))
+    return RetrievalIndex.open(directory, retriever, params or {})
 
 
 def load_template(path: str | None) -> "PromptTemplate":  # noqa: F821
@@ -159,17 +165,31 @@ def cmd_retrieve(args) -> None:
             print(f"  {p['rank']:>3}. [{p['score']:.4f}] {p['id']}  {p['text'][:100]}")
 
 
-def cmd_ask(args) -> None:
-    from .evaluate import answer, retrieve
+def answering(args, with_generator: bool = True):
+    """(index, generator, template, decoder, tau) from --checkpoint, or from the separate options."""
     from .generator import load_generator
 
-    template = load_template(args.template)
-    index = open_index(args)
-    generator = load_generator(args.generator, chat=args.chat, precision=args.precision)
+    decoder, tau = args.decode or "top1", args.tau or 0.1
+    if args.checkpoint:
+        from .train import load_trained
+
+        config, system = load_trained(args.checkpoint)
+        template = load_template(args.template) if args.template else system.template
+        generator = system.generator if with_generator else None
+        return system.index, generator, template, args.decode or config.eval.decode, args.tau or config.method.tau
+    generator = load_generator(args.generator, chat=args.chat, precision=args.precision) if with_generator else None
+    return open_index(args), generator, load_template(args.template), decoder, tau
+
+
+def cmd_ask(args) -> None:
+    from .evaluate import decode, retrieve
+
+    index, generator, template, decoder, tau = answering(args)
     result = retrieve(index, [args.question], args.k)[0]
-    context = result.passages[: args.contexts]
-    prediction = answer(generator, template, [args.question], [context], max_new_tokens=args.max_new_tokens, num_beams=args.beams)[0]
-    passages = [{"rank": i + 1, "score": round(s, 4), "id": p.id, "title": p.title, "text": p.text, "used": i < args.contexts} for i, (p, s) in enumerate(zip(result.passages, result.scores))]
+    prediction = decode(generator, template, [args.question], [result], method=decoder, contexts=args.contexts, tau=tau,
+                        max_new_tokens=args.max_new_tokens, num_beams=args.beams)[0]
+    used = args.contexts if decoder == "top1" else args.k
+    passages = [{"rank": i + 1, "score": round(s, 4), "id": p.id, "title": p.title, "text": p.text, "used": i < used} for i, (p, s) in enumerate(zip(result.passages, result.scores))]
     if args.json:
         print(json.dumps({"question": args.question, "answer": prediction, "passages": passages}, ensure_ascii=False))
         return
@@ -182,32 +202,61 @@ def cmd_ask(args) -> None:
 def cmd_eval(args) -> None:
     from .data import embedded_examples, load_examples
     from .evaluate import evaluate
-    from .generator import load_generator
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a directory")
-    template = load_template(args.template)
     examples = load_examples(args.data, args.data_format) if args.data else embedded_examples(args.split)
     if args.limit:
         examples = examples[: args.limit]
-    index = open_index(args)
-    generator = None if args.retrieval_only else load_generator(args.generator, chat=args.chat, precision=args.precision)
+    index, generator, template, decoder, tau = answering(args, with_generator=not args.retrieval_only)
     predictions, metrics = evaluate(
         index, generator, examples, k=args.k, contexts=args.contexts, template=template, batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens, num_beams=args.beams,
+        max_new_tokens=args.max_new_tokens, num_beams=args.beams, decoder=decoder, tau=tau,
     )
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "predictions.jsonl", "w") as f:
         for row in predictions:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    metrics = {"data": args.data or f"embedded:{args.split}", "index": str(index.directory), **metrics}
+    metrics = {"data": args.data or f"embedded:{args.split}", "index": str(index.directory), "checkpoint": args.checkpoint, "decode": decoder, **metrics}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     if args.json:
         print(json.dumps(metrics))
     else:
         print_table(metrics)
         print(f"\nwrote {out / 'predictions.jsonl'} and {out / 'metrics.json'}")
+
+
+def cmd_plot(args) -> None:
+    from .plot import plot_run
+
+    paths = plot_run(args.run_dir)
+    if args.json:
+        print(json.dumps([str(path) for path in paths]))
+        return
+    if not paths:
+        print(f"nothing to plot yet in {Path(args.run_dir) / 'metrics.jsonl'}", file=sys.stderr)
+    for path in paths:
+        print(path)
+
+
+def cmd_train(args) -> None:
+    from .config import describe, load_config
+
+    if args.help_config:
+        print(describe())
+        return
+    shorthands = {"method.name": args.method, "data.train": args.data, "model.index": args.index, "out": args.out, "train.steps": args.steps}
+    overrides = [f"{key}={value}" for key, value in shorthands.items() if value is not None] + args.overrides
+    config = load_config(args.config, overrides)
+    from .train import train
+
+    metrics = train(config, resume=args.resume)
+    if args.json:
+        print(json.dumps(metrics))
+    else:
+        print_table(metrics)
+        print(f"\nwrote {config.out}/checkpoint, metrics.jsonl, tensorboard/ and plots/")
 
 
 def add_index_options(parser: argparse.ArgumentParser) -> None:
@@ -225,6 +274,9 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--template", help="YAML file with the prompt: template, passage_template, separator (default: a two-shot QA prompt)")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the generator's chat template")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="generation precision; auto = bf16 where the hardware runs it fast")
+    parser.add_argument("--checkpoint", help="a trained model, RUN_DIR/checkpoint: its index, retriever, generator and prompt")
+    parser.add_argument("--decode", choices=["top1", "rag-sequence-fast", "rag-sequence-thorough", "rag-token"], help="top1: the top --contexts passages in one prompt (default); the RAG decoders mix one prompt per passage (a checkpoint's default: its eval.decode)")
+    parser.add_argument("--tau", type=float, help="retrieval temperature of the RAG decoders (default 0.1, or the checkpoint's)")
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -265,6 +317,22 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--out", default="runs/eval", help="output directory (default runs/eval)")
     p.set_defaults(run=cmd_eval)
+
+    p = commands.add_parser("train", help="train a RAG model end to end: rag-sequence, rag-token, vrag or jsa")
+    p.add_argument("--config", help="YAML recipe (see configs/); settings not given keep their defaults")
+    p.add_argument("--method", choices=["rag-sequence", "rag-token", "vrag", "jsa"], help="shorthand for --set method.name=...")
+    p.add_argument("--data", help="training QA file (shorthand for --set data.train=...; default: the embedded train split)")
+    p.add_argument("--index", help="index directory (shorthand for --set model.index=...)")
+    p.add_argument("--out", help="run directory (shorthand for --set out=...)")
+    p.add_argument("--steps", type=positive_int, help="shorthand for --set train.steps=...")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides", help="any setting, e.g. method.k=10 or train.lr_generator=1e-5 (see --help-config)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--help-config", action="store_true", help="list every setting with its default and meaning, then exit")
+    p.set_defaults(run=cmd_train)
+
+    p = commands.add_parser("plot", help="draw a training run's metrics.jsonl as PNGs in RUN_DIR/plots")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.set_defaults(run=cmd_plot)
 
     for sub in commands.choices.values():
         sub.add_argument("--json", action="store_true", help="machine-readable output")

@@ -39,6 +39,40 @@ def answer(generator: Generator, template: PromptTemplate, questions: Sequence[s
     return generator.generate([template.render(q, c) for q, c in zip(questions, contexts)], **generation)
 
 
+DECODERS = ("top1", "rag-sequence-fast", "rag-sequence-thorough", "rag-token")
+
+
+def decode(
+    generator: Generator,
+    template: PromptTemplate,
+    questions: Sequence[str],
+    retrieved: Sequence[Retrieved],
+    *,
+    method: str = "top1",
+    contexts: int = 1,
+    tau: float = 0.1,
+    **generation,
+) -> list[str]:
+    """Answers by `method`: "top1" puts the top `contexts` passages in one prompt; the RAG decoders
+    (methods.md §1) mix one prompt per passage under p(z|x) = softmax(score / tau)."""
+    if method == "top1":
+        return answer(generator, template, questions, [r.passages[:contexts] for r in retrieved], **generation)
+    import torch
+
+    from .decoding import rag_sequence_generate, rag_token_generate
+
+    width = max(len(r.passages) for r in retrieved)
+    prompts, scores = [], torch.full((len(retrieved), width), float("-inf"))
+    for i, (question, result) in enumerate(zip(questions, retrieved)):
+        row = [template.render(question, [p]) for p in result.passages]
+        prompts.append(row + [row[-1]] * (width - len(row)))  # padded prompts carry -inf weight
+        scores[i, : len(result.scores)] = torch.tensor(result.scores)
+    doc_logp = torch.log_softmax(scores / tau, dim=-1).to(generator.device)  # (B, K)
+    if method == "rag-token":
+        return rag_token_generate(generator, prompts, doc_logp, **generation)
+    return rag_sequence_generate(generator, prompts, doc_logp, mode=method.removeprefix("rag-sequence-"), **generation)
+
+
 def recall_cutoffs(k: int) -> list[int]:
     return sorted({c for c in (1, 5, 10, 20, 100) if c <= k} | {k})
 
@@ -54,8 +88,13 @@ def evaluate(
     batch_size: int = 16,
     max_new_tokens: int = 32,
     num_beams: int = 1,
+    decoder: str = "top1",
+    tau: float = 0.1,
 ) -> tuple[list[dict], dict]:
-    """Predictions (one dict per example) and aggregate metrics; no generation when `generator` is None."""
+    """Predictions (one dict per example) and aggregate metrics; no generation when `generator` is None.
+
+    `decoder` is one of DECODERS (see `decode`); `tau` is the retrieval temperature the RAG decoders use.
+    """
     predictions: list[dict] = []
     with tqdm(total=len(examples), unit="question", desc="evaluating", dynamic_ncols=True) as bar:
         for start in range(0, len(examples), batch_size):
@@ -63,7 +102,7 @@ def evaluate(
             questions = [e.question for e in batch]
             retrieved = retrieve(index, questions, k)
             answers = (
-                answer(generator, template, questions, [r.passages[:contexts] for r in retrieved], max_new_tokens=max_new_tokens, num_beams=num_beams)
+                decode(generator, template, questions, retrieved, method=decoder, contexts=contexts, tau=tau, max_new_tokens=max_new_tokens, num_beams=num_beams)
                 if generator is not None
                 else [None] * len(batch)
             )

@@ -1,7 +1,7 @@
 """Vector and sparse indexes behind one search contract, and the index directory that holds them.
 
 The contract is faiss's: `search(x (n, D), k) -> (scores (n, k), ids (n, k))`, ids are corpus rows,
--1 where fewer than k results exist. Kinds: "exact" (torch inner product over the stored embeddings),
+-1 where fewer than k results exist. Kinds: "exact" (blockwise inner product over the stored embeddings),
 "flat", "hnsw", "ivfpq" (faiss), and "bm25" (bm25s; it searches texts, not vectors).
 
 An index directory holds the corpus store, `embeddings.npy` (the passage-tower embeddings, kept so
@@ -55,7 +55,9 @@ def _pad(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.nd
 class ExactIndex:
     """Exact maximum inner product search over (N, D) embeddings, which may be memory-mapped.
 
-    The corpus is scanned in blocks so that only one block's scores are in memory at a time.
+    The corpus is scanned in blocks, so only one block need be in memory at a time. Each block is
+    searched with `faiss.knn`, the brute-force kernel behind IndexFlatIP (BLAS scores, fused top-k),
+    without copying the corpus into an index; its top k are merged into the running best.
     """
 
     def __init__(self, embeddings: np.ndarray, block: int = 262_144):
@@ -65,20 +67,22 @@ class ExactIndex:
     def __len__(self) -> int:
         return len(self.embeddings)
 
-    @torch.inference_mode()
     def search(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        queries = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))  # (n, D)
-        best_scores = torch.full((len(queries), 0), -math.inf)
-        best_ids = torch.zeros((len(queries), 0), dtype=torch.int64)
+        import faiss
+
+        queries = np.ascontiguousarray(x, dtype=np.float32)  # (n, D)
+        best_scores = np.empty((len(queries), 0), dtype=np.float32)
+        best_ids = np.empty((len(queries), 0), dtype=np.int64)
         for start in range(0, len(self.embeddings), self.block):
-            block = torch.from_numpy(np.array(self.embeddings[start : start + self.block], dtype=np.float32))
-            scores = queries @ block.T  # (n, block)
-            top = scores.topk(min(k, scores.shape[1]), dim=1)
-            merged_scores = torch.cat([best_scores, top.values], 1)
-            merged_ids = torch.cat([best_ids, top.indices + start], 1)
-            keep = merged_scores.topk(min(k, merged_scores.shape[1]), dim=1)
-            best_scores, best_ids = keep.values, merged_ids.gather(1, keep.indices)
-        return _pad(best_scores.numpy(), best_ids.numpy(), k)
+            block = np.ascontiguousarray(self.embeddings[start : start + self.block], dtype=np.float32)
+            # at most len(block) results, so faiss never pads (with -1 ids that the offset would corrupt)
+            scores, ids = faiss.knn(queries, block, min(k, len(block)), metric=faiss.METRIC_INNER_PRODUCT)
+            merged_scores = np.concatenate([best_scores, scores], 1)  # (n, <= 2k)
+            merged_ids = np.concatenate([best_ids, ids + start], 1)
+            keep = np.argsort(-merged_scores, axis=1, kind="stable")[:, :k]  # stable: earlier rows win ties
+            best_scores = np.take_along_axis(merged_scores, keep, 1)
+            best_ids = np.take_along_axis(merged_ids, keep, 1)
+        return _pad(best_scores, best_ids, k)
 
     def save(self, directory: Path) -> None:
         """Nothing to write: the embeddings file is the index."""
@@ -354,7 +358,13 @@ class RetrievalIndex:
         """Top-k (scores (B, k), rows (B, k)) for each question, -1 rows where fewer exist. No gradient."""
         if self.bm25 is not None:
             return self.bm25.search_texts(questions, k)
-        return self.vectors.search(self.retriever.encode_queries(questions, batch_size), k)
+        return self.search_embeddings(self.retriever.encode_queries(questions, batch_size), k)
+
+    def search_embeddings(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (scores (B, k), rows (B, k)) for query embeddings (B, D) from any query tower."""
+        if self.vectors is None:
+            raise UserError(f"{self.directory}: a '{self.kind}' index cannot be searched with embeddings; use a dense index")
+        return self.vectors.search(np.ascontiguousarray(queries, dtype=np.float32), k)
 
     def passages(self, rows: np.ndarray) -> list[list[Passage | None]]:
         """Passages for a (B, k) array of rows."""

@@ -26,3 +26,11 @@ class Example:
     question: str
     answers: tuple[str, ...]
     gold_ids: tuple[str, ...] = field(default=())
+
+
+@dataclass
+class ObjectiveOutput:
+    """What an objective returns: the loss to minimise and scalar metrics to log (floats)."""
+
+    loss: "torch.Tensor"  # noqa: F821 (a 0-dim tensor; torch is not imported by this module)
+    metrics: dict = field(default_factory=dict)

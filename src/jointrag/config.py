@@ -1,0 +1,214 @@
+"""Typed, layered, strict training configuration: defaults -> YAML recipe -> `--set key=value` flags.
+
+Every field has a help text. Unknown keys and ill-typed values are errors that name the file, the
+line and the field. Components never receive these objects: `train.build` turns them into plain
+constructor arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .errors import UserError
+
+
+def _field(default, help: str, **kwargs):
+    return field(default=default, metadata={"help": help}, **kwargs)
+
+
+@dataclass
+class ModelConfig:
+    index: str | None = _field(None, "index directory (default: the embedded SQuAD index, built on first use)")
+    retriever: str | None = _field(None, "query-tower checkpoint (default: the encoder named in the index manifest)")
+    generator: str | None = _field(None, "hub id, directory or .gguf file (default: SmolLM2-135M-Instruct)")
+    chat: bool = _field(False, "wrap prompts in the generator's chat template")
+    template: str | None = _field(None, "YAML prompt template file (default: the two-shot QA prompt)")
+    max_prompt_tokens: int = _field(512, "prompts are cut to their last N tokens")
+    lora: bool = _field(False, "train a LoRA adapter on the generator instead of all its weights")
+    lora_r: int = _field(8, "LoRA rank (JSA-RAG paper: 8)")
+    lora_alpha: int = _field(16, "LoRA scaling numerator")
+    lora_dropout: float = _field(0.0, "LoRA dropout")
+    lora_targets: str = _field("all-linear", "peft target_modules: 'all-linear' or comma-separated module names")
+    posterior_template: str = _field("{question} [SEP] {answer}", "text the posterior query tower reads, x [SEP] y")
+    train_passage_tower: bool = _field(False, "also train the passage tower; turns on scheduled re-indexing")
+    refresh: str = _field("0-:500", "re-index schedule when the passage tower trains: 'start-end:every,...'")
+    staleness_probe: int = _field(64, "dev questions used to measure index staleness at each refresh")
+
+
+@dataclass
+class MethodConfig:
+    name: str = _field("jsa", "rag-sequence, rag-token, vrag or jsa")
+    k: int = _field(5, "candidates retrieved per example (prior top-K; VRAG/JSA also take the posterior's top-K)")
+    tau: float = _field(0.1, "retrieval temperature: p(z|x) = softmax(s(x,z)/tau) (JSA-RAG reference: 0.1, normalised embeddings)")
+    reduce: str = _field("sum", "log p(y|x,z) as the 'sum' of token log-probs or their 'mean' (JSA-RAG reference code)")
+    beta: float = _field(1.0, "VRAG: weight of KL(q || p)")
+    estimator: str = _field("enumerate", "VRAG: 'enumerate' (exact q-weighted sum) or 'sample' (REINFORCE with a baseline)")
+    candidates: str = _field("union", "VRAG: renormalise over the 'union' of prior and posterior top-K, or the 'posterior' top-K")
+    proposals: int = _field(50, "JSA: proposals M drawn from q per step (reference: 50); VRAG sample: samples per example")
+    cache: bool = _field(True, "JSA: keep each example's last chain state between visits (textbook JSA)")
+    states: str = _field("all", "JSA: pseudo-labels from 'all' chain states weighted by frequency (reference), or the 'last'")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = _field(100, "optimiser steps")
+    batch_size: int = _field(4, "examples per micro-batch")
+    grad_accum: int = _field(1, "micro-batches per optimiser step")
+    lr_generator: float = _field(2e-5, "generator learning rate (JSA-RAG paper: 2e-5)")
+    lr_retriever: float = _field(1e-5, "query-tower (and passage-tower) learning rate (JSA-RAG paper: 1e-5)")
+    weight_decay: float = _field(0.0, "AdamW weight decay")
+    warmup_steps: int = _field(0, "linear warm-up steps")
+    schedule: str = _field("linear", "learning-rate schedule after warm-up: linear, cosine or constant")
+    max_grad_norm: float = _field(1.0, "gradient clipping norm; 0 turns clipping off")
+    precision: str = _field("auto", "auto (bf16 where the device runs it fast), bf16 or fp32")
+    seed: int = _field(0, "seed for data order, sampling and initialisation")
+    log_every: int = _field(1, "steps between training-metric log lines")
+    eval_every: int = _field(0, "steps between dev evaluations; 0: only at the end")
+    save_every: int = _field(0, "steps between checkpoints; 0: only at the end")
+
+
+@dataclass
+class DataConfig:
+    train: str | None = _field(None, "training QA file (default: the embedded train split)")
+    dev: str | None = _field(None, "dev QA file (default: the embedded dev split)")
+    format: str | None = _field(None, "squad, jsonl, dpr or nq-open (default: from the file name)")
+
+
+@dataclass
+class EvalConfig:
+    limit: int = _field(100, "dev questions evaluated during training; 0: all")
+    k: int = _field(5, "passages retrieved for retrieval metrics and decoding")
+    decode: str = _field("top1", "top1 (greedy on the top passage), rag-sequence-fast, rag-sequence-thorough or rag-token")
+    max_new_tokens: int = _field(16, "answer length limit")
+    num_beams: int = _field(1, "beam size; 1 is greedy")
+    batch_size: int = _field(16, "questions per generation batch")
+
+
+@dataclass
+class RunConfig:
+    out: str = _field("runs/train", "run directory: checkpoints, metrics.jsonl, TensorBoard logs, plots")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+CHOICES = {
+    "method.name": ("rag-sequence", "rag-token", "vrag", "jsa"),
+    "method.reduce": ("sum", "mean"),
+    "method.estimator": ("enumerate", "sample"),
+    "method.candidates": ("union", "posterior"),
+    "method.states": ("all", "last"),
+    "train.schedule": ("linear", "cosine", "constant"),
+    "train.precision": ("auto", "bf16", "fp32"),
+    "data.format": ("squad", "jsonl", "dpr", "nq-open", None),
+    "eval.decode": ("top1", "rag-sequence-fast", "rag-sequence-thorough", "rag-token"),
+}
+POSITIVE = {"method.k", "method.tau", "method.proposals", "train.steps", "train.batch_size", "train.grad_accum",
+            "train.log_every", "eval.k", "eval.max_new_tokens", "eval.num_beams", "eval.batch_size",
+            "model.max_prompt_tokens", "model.lora_r"}
+
+
+def _coerce(value, kind, where: str):
+    """`value` as the field type `kind`, or a UserError naming `where`."""
+    options = typing.get_args(kind)
+    if type(None) in options:
+        if value is None:
+            return None
+        kind = next(o for o in options if o is not type(None))
+    if kind is bool and isinstance(value, bool):
+        return value
+    if kind is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if kind is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise UserError(f"{where}: expected {getattr(kind, '__name__', kind)}, got {value!r}")
+
+
+def _set(config, dotted: str, value, where: str) -> None:
+    *parents, leaf = dotted.split(".")
+    target = config
+    for i, part in enumerate(parents):
+        target = getattr(target, part, None)
+        if not dataclasses.is_dataclass(target):
+            raise UserError(f"{where}: unknown section '{'.'.join(parents[: i + 1])}'")
+    hints = typing.get_type_hints(type(target))
+    if leaf not in hints or dataclasses.is_dataclass(getattr(target, leaf)):
+        known = ", ".join(f.name for f in dataclasses.fields(target) if not dataclasses.is_dataclass(getattr(target, f.name)))
+        raise UserError(f"{where}: unknown key '{dotted}' (known here: {known})")
+    value = _coerce(value, hints[leaf], where)
+    if dotted in CHOICES and value not in CHOICES[dotted]:
+        raise UserError(f"{where}: '{dotted}' must be one of {', '.join(c for c in CHOICES[dotted] if c)}, not {value!r}")
+    if dotted in POSITIVE and value <= 0:
+        raise UserError(f"{where}: '{dotted}' must be positive, not {value!r}")
+    setattr(target, leaf, value)
+
+
+def _leaves(node, prefix: str = ""):
+    """(dotted key, value, line) for every scalar in a composed YAML mapping."""
+    if not isinstance(node, yaml.MappingNode):
+        raise UserError(f"line {node.start_mark.line + 1}: expected a mapping of settings")
+    for key_node, value_node in node.value:
+        dotted = f"{prefix}{key_node.value}"
+        if isinstance(value_node, yaml.MappingNode):
+            yield from _leaves(value_node, dotted + ".")
+        else:
+            yield dotted, yaml.safe_load(yaml.serialize(value_node)), key_node.start_mark.line + 1
+
+
+def load_config(path: str | None = None, overrides: typing.Sequence[str] = ()) -> RunConfig:
+    """Defaults, then the YAML recipe at `path`, then `key.sub=value` overrides (values parsed as YAML)."""
+    config = RunConfig()
+    if path is not None:
+        file = Path(path)
+        if not file.is_file():
+            raise UserError(f"config file not found: {file}")
+        try:
+            node = yaml.compose(file.read_text())
+        except yaml.YAMLError as error:
+            raise UserError(f"{file}: not valid YAML: {' '.join(str(error).split())}") from None
+        if node is not None:
+            try:
+                for dotted, value, line in _leaves(node):
+                    _set(config, dotted, value, f"{file}:{line}")
+            except UserError as error:
+                message = str(error)
+                raise UserError(message if message.startswith(str(file)) else f"{file}: {message}") from None
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"--set {item}: expected KEY=VALUE, e.g. train.steps=200")
+        dotted, raw = item.split("=", 1)
+        _set(config, dotted.strip(), yaml.safe_load(raw) if raw.strip() else None, f"--set {item}")
+    return config
+
+
+def to_dict(config: RunConfig) -> dict:
+    return dataclasses.asdict(config)
+
+
+def save_config(config: RunConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def describe() -> str:
+    """Every key with its default and help, for `jointrag train --help-config`."""
+    lines = []
+
+    def walk(obj, prefix):
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, f"{prefix}{f.name}.")
+            else:
+                lines.append(f"{prefix}{f.name} = {value!r}\n    {f.metadata.get('help', '')}")
+
+    walk(RunConfig(), "")
+    return "\n".join(lines)

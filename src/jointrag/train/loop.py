@@ -1,0 +1,328 @@
+"""The one training loop every method runs.
+
+Gradient accumulation, mixed precision, clipping, separate learning rates for retriever and
+generator, the schedule, evaluation, checkpoint/resume and index refresh are written once here; a
+method is only its objective (`objectives/`). A checkpoint holds the trained weights, the optimiser,
+the scheduler, every RNG state, the data position, the objective's state (JSA's chain cache) and the
+index in use, so a resumed run continues the same trajectory. It is written to a temporary
+directory and swapped in, so a failed run leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .. import metrics as qa_metrics
+from ..config import RunConfig, save_config
+from ..errors import UserError
+from ..evaluate import evaluate
+from ..runtime import autocast, resolve_precision
+from ..types import Example
+from .build import examples_from, objective_from, set_trainable, system_from
+
+CHECKPOINT = "checkpoint"
+
+
+class Sampler:
+    """Examples in a fresh seeded permutation per epoch; its position is part of a checkpoint."""
+
+    def __init__(self, examples: list[Example], seed: int):
+        self.examples, self.seed = examples, seed
+        self.epoch, self.offset = 0, 0
+
+    def _order(self) -> list[int]:
+        return torch.randperm(len(self.examples), generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+
+    def next(self, size: int) -> list[Example]:
+        batch = []
+        while len(batch) < size:
+            order = self._order()
+            take = order[self.offset : self.offset + size - len(batch)]
+            batch += [self.examples[i] for i in take]
+            self.offset += len(take)
+            if self.offset >= len(order):
+                self.epoch, self.offset = self.epoch + 1, 0
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "offset": self.offset}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.offset = state["epoch"], state["offset"]
+
+
+def parse_refresh(schedule: str) -> list[tuple[int, int | None, int]]:
+    """'0-1000:500,1000-:2000' -> [(0, 1000, 500), (1000, None, 2000)]: re-index every N steps in [start, end)."""
+    spans = []
+    for part in schedule.split(","):
+        try:
+            window, every = part.split(":")
+            start, end = window.split("-")
+            spans.append((int(start), int(end) if end else None, int(every)))
+        except ValueError:
+            raise UserError(f"model.refresh: '{part}' is not 'start-end:every' (e.g. 0-1000:500,1000-:2000)") from None
+        if spans[-1][2] <= 0:
+            raise UserError(f"model.refresh: '{part}': the interval must be positive")
+    return spans
+
+
+def refresh_due(spans: list[tuple[int, int | None, int]], step: int) -> bool:
+    return any(start <= step and (end is None or step < end) and (step - start) % every == 0 and step > 0
+               for start, end, every in spans)
+
+
+def lr_lambda(schedule: str, warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        if schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        return 1.0
+
+    return factor
+
+
+def _rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def trained_weights(system) -> dict:
+    return {name: p.detach().cpu() for name, p in system.named_parameters() if p.requires_grad}
+
+
+def load_weights(system, weights: dict, where: Path) -> None:
+    missing = set(weights) - {name for name, _ in system.named_parameters()}
+    if missing:
+        raise UserError(f"{where}: weights for parameters this model does not have: {sorted(missing)[:3]}")
+    system.load_state_dict(weights, strict=False)
+
+
+class Trainer:
+    def __init__(self, config: RunConfig):
+        self.config = config
+        self.out = Path(config.out)
+        torch.manual_seed(config.train.seed)
+        random.seed(config.train.seed)
+        np.random.seed(config.train.seed)
+        self.objective = objective_from(config)
+        self.system = system_from(config, self.objective.needs_posterior)
+        set_trainable(self.system, self.objective.trains, passage_tower=config.model.train_passage_tower, lora=config.model.lora)
+        self.train_examples, self.dev_examples = examples_from(config)
+        self.sampler = Sampler(self.train_examples, config.train.seed)
+        self.precision = resolve_precision(config.train.precision, self.system.generator.device)
+        generator_ids = {id(p) for p in self.system.generator.parameters()}
+        trainable = [p for p in self.system.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in trainable if id(p) in generator_ids], "lr": config.train.lr_generator, "name": "generator"},
+            {"params": [p for p in trainable if id(p) not in generator_ids], "lr": config.train.lr_retriever, "name": "retriever"},
+        ]
+        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=config.train.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(config.train.schedule, config.train.warmup_steps, config.train.steps)
+        )
+        self.refresh = parse_refresh(config.model.refresh) if config.model.train_passage_tower else []
+        self.refreshes = 0
+        self.step = 0
+
+    # checkpoints
+
+    def save(self) -> Path:
+        target, tmp = self.out / CHECKPOINT, self.out / f"{CHECKPOINT}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        torch.save(trained_weights(self.system), tmp / "weights.pt")
+        torch.save({
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": _rng_state(),
+            "sampler": self.sampler.state_dict(),
+            "objective": self.objective.state_dict(),
+            "index": {"directory": str(self.system.index.directory.resolve()), "refreshes": self.refreshes,
+                      "corpus": self.system.index.manifest["corpus"]["fingerprint"]},
+        }, tmp / "trainer.pt")
+        save_config(self.config, tmp / "config.yaml")
+        if target.exists():
+            old = self.out / f"{CHECKPOINT}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            target.rename(old)
+            tmp.rename(target)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(target)
+        return target
+
+    def resume(self) -> None:
+        directory = self.out / CHECKPOINT
+        load_weights(self.system, torch.load(directory / "weights.pt", weights_only=True), directory)
+        state = torch.load(directory / "trainer.pt", weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.objective.load_state_dict(state["objective"])
+        self.step, self.refreshes = state["step"], state["index"]["refreshes"]
+        if Path(state["index"]["directory"]) != self.system.index.directory.resolve():
+            from ..index import RetrievalIndex
+
+            self.system.index = RetrievalIndex.open(state["index"]["directory"], self.system.retriever)
+        _set_rng_state(state["rng"])
+
+    # index refresh (only when the passage tower trains)
+
+    def refresh_index(self) -> dict:
+        """Re-encode the corpus with the current passage tower into the run's index; report staleness:
+        gold recall@k on a probe of dev questions with the stale index minus with the fresh one."""
+        from ..index import build_index
+
+        old = self.system.index
+        probe = [e for e in self.dev_examples if e.gold_ids][: self.config.model.staleness_probe]
+        k = self.config.eval.k
+
+        def recall(index) -> float:
+            if not probe:
+                return float("nan")
+            rows = index.search([e.question for e in probe], k)[1]
+            ids = [[p.id for p in ps if p is not None] for ps in index.passages(rows)]
+            return 100 * qa_metrics.mean([qa_metrics.gold_recall_at_k(i, e.gold_ids, k) for i, e in zip(ids, probe)])
+
+        self.system.eval()
+        stale = recall(old)
+        passages = (p for batch in old.corpus.iter_batches(4096) for p in batch)
+        fresh_index = build_index(passages, self.out / "index", retriever=self.system.retriever, kind=old.kind,
+                                  params=old.manifest.get("params", {}), source=old.manifest.get("source"))
+        fresh = recall(fresh_index)
+        self.system.train()
+        self.system.index = fresh_index
+        self.refreshes += 1
+        return {f"stale_recall@{k}": stale, f"fresh_recall@{k}": fresh, "staleness": stale - fresh}
+
+    # evaluation
+
+    def evaluate(self) -> dict:
+        c = self.config
+        self.system.eval()
+        _, result = evaluate(
+            self.system.index, self.system.generator, self.dev_examples, k=c.eval.k, template=self.system.template,
+            batch_size=c.eval.batch_size, max_new_tokens=c.eval.max_new_tokens, num_beams=c.eval.num_beams,
+            decoder=c.eval.decode, tau=c.method.tau,
+        )
+        self.system.train()
+        return {key: value for key, value in result.items() if isinstance(value, float)}
+
+    # the loop
+
+    def run(self, resume: bool = False) -> dict:
+        c = self.config.train
+        checkpoint = self.out / CHECKPOINT
+        if resume:
+            if not checkpoint.is_dir():
+                raise UserError(f"--resume: no checkpoint in {self.out}")
+            self.resume()
+        elif checkpoint.exists():
+            raise UserError(f"{self.out} already holds a run; pass --resume to continue it or choose another --out")
+        self.out.mkdir(parents=True, exist_ok=True)
+        save_config(self.config, self.out / "config.yaml")
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(self.out / "tensorboard"))
+        log = open(self.out / "metrics.jsonl", "a")
+
+        def record(split: str, values: dict) -> None:
+            log.write(json.dumps({"step": self.step, "split": split, "time": round(time.time(), 3), **values}) + "\n")
+            log.flush()
+            for key, value in values.items():
+                writer.add_scalar(f"{split}/{key}", value, self.step)
+
+        if self.step == 0 and c.eval_every:
+            record("eval", self.evaluate())
+        self.system.train()
+        pending: dict[str, list[float]] = {}
+        bar = tqdm(total=c.steps, initial=self.step, unit="step", desc=f"training {self.config.method.name}", dynamic_ncols=True)
+        while self.step < c.steps:
+            started = time.perf_counter()
+            for _ in range(c.grad_accum):
+                with autocast(self.system.generator.device, self.precision):
+                    output = self.objective(self.system, self.sampler.next(c.batch_size))
+                if not torch.isfinite(output.loss):
+                    raise RuntimeError(f"step {self.step + 1}: the loss is {output.loss.item()}; the last checkpoint is intact")
+                (output.loss / c.grad_accum).backward()
+                for key, value in output.metrics.items():
+                    pending.setdefault(key, []).append(value)
+            parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
+            norm = torch.nn.utils.clip_grad_norm_(parameters, c.max_grad_norm if c.max_grad_norm > 0 else float("inf"))
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            pending.setdefault("grad_norm", []).append(norm.item())
+            pending.setdefault("sec_per_step", []).append(time.perf_counter() - started)
+            bar.update(1)
+            bar.set_postfix(loss=f"{np.mean(pending['loss']):.3f}")
+            if self.step % c.log_every == 0 or self.step == c.steps:
+                values = {key: float(np.mean(v)) for key, v in pending.items()}
+                values.update({f"lr_{g['name']}": g["lr"] for g in self.optimizer.param_groups})
+                record("train", values)
+                pending = {}
+            if refresh_due(self.refresh, self.step):
+                record("train", self.refresh_index())
+            if c.eval_every and self.step % c.eval_every == 0 and self.step < c.steps:
+                record("eval", self.evaluate())
+            if c.save_every and self.step % c.save_every == 0 and self.step < c.steps:
+                self.save()
+        bar.close()
+        final = self.evaluate()
+        record("eval", final)
+        self.save()
+        writer.close()
+        log.close()
+        from ..plot import plot_run
+
+        plot_run(self.out)
+        return final
+
+
+def train(config: RunConfig, resume: bool = False) -> dict:
+    """Train `config.method` and return the final dev metrics."""
+    return Trainer(config).run(resume=resume)
+
+
+
+def load_trained(directory: Path | str):
+    """(config, system) of a saved checkpoint, ready to evaluate: base models, then the trained weights."""
+    from ..config import load_config
+    from ..index import RetrievalIndex
+
+    directory = Path(directory)
+    if not (directory / "weights.pt").is_file():
+        raise UserError(f"{directory} is not a checkpoint (no weights.pt); pass RUN_DIR/checkpoint")
+    config = load_config(str(directory / "config.yaml"))
+    objective = objective_from(config)
+    system = system_from(config, objective.needs_posterior)
+    set_trainable(system, objective.trains, passage_tower=config.model.train_passage_tower, lora=config.model.lora)
+    load_weights(system, torch.load(directory / "weights.pt", weights_only=True), directory)
+    index = torch.load(directory / "trainer.pt", weights_only=False)["index"]
+    if Path(index["directory"]) != system.index.directory.resolve():
+        system.index = RetrievalIndex.open(index["directory"], system.retriever)
+    system.requires_grad_(False)
+    return config, system.eval()
