@@ -1,9 +1,8 @@
 .PHONY: demo test bench
 
-# Set up, build the index over the embedded corpus, answer the test questions, print the metrics.
+# Set up, build the index over the embedded corpus, train JSA-RAG, print zero-shot vs trained metrics.
 demo:
-	bash scripts/setup.sh
-	.venv/bin/jointrag eval
+	bash scripts/demo.sh
 
 # Set up with the test tools and run the test suite.
 test:
@@ -13,3 +12,4 @@ test:
 bench:
 	bash scripts/setup.sh --dev
 	.venv/bin/python benchmarks/bench_retrieval.py
+	.venv/bin/python benchmarks/bench_training.py

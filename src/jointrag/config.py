@@ -128,6 +128,11 @@ def _coerce(value, kind, where: str):
         return value
     if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if kind is float and isinstance(value, str):  # YAML 1.1 reads 5e-5 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if kind is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
         return str(value)
     raise UserError(f"{where}: expected {getattr(kind, '__name__', kind)}, got {value!r}")
@@ -144,7 +149,7 @@ def _set(config, dotted: str, value, where: str) -> None:
     if leaf not in hints or dataclasses.is_dataclass(getattr(target, leaf)):
         known = ", ".join(f.name for f in dataclasses.fields(target) if not dataclasses.is_dataclass(getattr(target, f.name)))
         raise UserError(f"{where}: unknown key '{dotted}' (known here: {known})")
-    value = _coerce(value, hints[leaf], where)
+    value = _coerce(value, hints[leaf], f"{where}: '{dotted}'")
     if dotted in CHOICES and value not in CHOICES[dotted]:
         raise UserError(f"{where}: '{dotted}' must be one of {', '.join(c for c in CHOICES[dotted] if c)}, not {value!r}")
     if dotted in POSITIVE and value <= 0:

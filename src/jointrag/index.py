@@ -304,10 +304,13 @@ def read_manifest(directory: Path | str) -> dict:
         raise UserError(f"{path}: not valid JSON ({error})") from None
 
 
-def check_encoder(manifest: dict, retriever: BiEncoder, directory: Path) -> None:
-    """Refuse to search an index with a passage tower other than the one that built it."""
+def check_encoder(manifest: dict, retriever: BiEncoder, directory: Path, built_by: str | None = None) -> None:
+    """Refuse to search an index with a passage tower other than the one that built it. `built_by`: the
+    fingerprint of the tower that built it, when a training checkpoint records it (a stale index between refreshes)."""
     built = manifest["encoder"]
     current = retriever.identity()
+    if built_by is not None:
+        current["fingerprint"] = built_by
     diffs = [key for key in ("fingerprint", "pooling", "normalize", "max_length", "passage_template", "dim") if built.get(key) != current[key]]
     if diffs:
         raise UserError(
@@ -330,7 +333,8 @@ class RetrievalIndex:
         self.bm25 = bm25
 
     @classmethod
-    def open(cls, directory: Path | str, retriever: BiEncoder | None = None, search_params: dict | None = None) -> "RetrievalIndex":
+    def open(cls, directory: Path | str, retriever: BiEncoder | None = None, search_params: dict | None = None,
+             built_by: str | None = None) -> "RetrievalIndex":
         """Open and verify an index. A dense index needs the retriever whose passage tower built it."""
         directory = Path(directory)
         manifest = read_manifest(directory)
@@ -342,7 +346,7 @@ class RetrievalIndex:
             return cls(directory, manifest, corpus, retriever, None, BM25Index.load(directory))
         if retriever is None:
             raise UserError(f"a '{kind}' index needs a retriever to encode queries")
-        check_encoder(manifest, retriever, directory)
+        check_encoder(manifest, retriever, directory, built_by)
         params = {**manifest.get("params", {}), **(search_params or {})}
         if kind == "exact":
             vectors = ExactIndex(np.load(directory / EMBEDDINGS, mmap_mode="r"))

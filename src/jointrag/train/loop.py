@@ -160,7 +160,8 @@ class Trainer:
             "sampler": self.sampler.state_dict(),
             "objective": self.objective.state_dict(),
             "index": {"directory": str(self.system.index.directory.resolve()), "refreshes": self.refreshes,
-                      "corpus": self.system.index.manifest["corpus"]["fingerprint"]},
+                      "corpus": self.system.index.manifest["corpus"]["fingerprint"],
+                      "encoder": self.system.index.manifest["encoder"]["fingerprint"]},
         }, tmp / "trainer.pt")
         save_config(self.config, tmp / "config.yaml")
         if target.exists():
@@ -179,13 +180,18 @@ class Trainer:
         state = torch.load(directory / "trainer.pt", weights_only=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        # the optimiser state holds the rates of the saved run's schedule, which depends on train.steps;
+        # a resumed run may extend it, so set this step's rates from the schedule of this run
+        for group, base, factor in zip(self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas):
+            group["lr"] = base * factor(self.scheduler.last_epoch)
         self.sampler.load_state_dict(state["sampler"])
         self.objective.load_state_dict(state["objective"])
         self.step, self.refreshes = state["step"], state["index"]["refreshes"]
         if Path(state["index"]["directory"]) != self.system.index.directory.resolve():
             from ..index import RetrievalIndex
 
-            self.system.index = RetrievalIndex.open(state["index"]["directory"], self.system.retriever)
+            self.system.index = RetrievalIndex.open(state["index"]["directory"], self.system.retriever,
+                                                    built_by=state["index"].get("encoder"))
         _set_rng_state(state["rng"])
 
     # index refresh (only when the passage tower trains)
@@ -291,6 +297,8 @@ class Trainer:
             if c.save_every and self.step % c.save_every == 0 and self.step < c.steps:
                 self.save()
         bar.close()
+        if self.refresh and not refresh_due(self.refresh, self.step):
+            record("train", self.refresh_index())  # the saved index matches the saved passage tower
         final = self.evaluate()
         record("eval", final)
         self.save()
@@ -323,6 +331,6 @@ def load_trained(directory: Path | str):
     load_weights(system, torch.load(directory / "weights.pt", weights_only=True), directory)
     index = torch.load(directory / "trainer.pt", weights_only=False)["index"]
     if Path(index["directory"]) != system.index.directory.resolve():
-        system.index = RetrievalIndex.open(index["directory"], system.retriever)
+        system.index = RetrievalIndex.open(index["directory"], system.retriever, built_by=index.get("encoder"))
     system.requires_grad_(False)
     return config, system.eval()
