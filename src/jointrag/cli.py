@@ -1,4 +1,4 @@
-"""The `jointrag` command line: index, retrieve, ask, eval, train, plot.
+"""The `jointrag` command line: index, retrieve, ask, eval, train, plot, variance.
 
 Every subcommand has defaults that run on the embedded dataset (SQuAD v1.1 dev part) with the
 default models, so `jointrag eval` alone builds the default index if needed and evaluates the test
@@ -259,6 +259,20 @@ def cmd_train(args) -> None:
         print(f"\nwrote {config.out}/checkpoint, metrics.jsonl, tensorboard/ and plots/")
 
 
+def cmd_variance(args) -> None:
+    from .variance import format_table, run_variance
+
+    report = run_variance(
+        args.config, checkpoint=args.checkpoint, overrides=args.overrides, examples=args.examples,
+        batch_size=args.batch_size, repeats=args.repeats, batches=args.batches, out=args.out,
+    )
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(format_table(report))
+        print(f"\nwrote {Path(args.out) / 'variance.json'} and {Path(args.out) / 'variance.png'} ({report['seconds']} s)")
+
+
 def add_index_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--index", help="index directory (default: the embedded SQuAD index, built on first use)")
     parser.add_argument("--retriever", help="query encoder (default: the one named in the index manifest)")
@@ -333,6 +347,17 @@ def make_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("plot", help="draw a training run's metrics.jsonl as PNGs in RUN_DIR/plots")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.set_defaults(run=cmd_plot)
+
+    p = commands.add_parser("variance", help="variance of each method's retriever gradient (RAG, VRAG, JSA) on one model state")
+    p.add_argument("--config", help="YAML recipe giving the models and method options (default: the default models)")
+    p.add_argument("--checkpoint", help="measure a trained model, RUN_DIR/checkpoint, instead of the base models")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides", help="any setting, e.g. method.k=10 or method.proposals=50 (see train --help-config)")
+    p.add_argument("--examples", type=positive_int, help="dev examples sampled for the batches (default: batch size x batches)")
+    p.add_argument("--batch-size", type=positive_int, default=2, help="examples per mini-batch (default 2)")
+    p.add_argument("--repeats", type=positive_int, default=8, help="draws R of each objective on one fixed batch (default 8, at least 2)")
+    p.add_argument("--batches", type=positive_int, default=8, help="mini-batches N, one gradient each (default 8, at least 2)")
+    p.add_argument("--out", default="runs/variance", help="output directory for variance.json and variance.png (default runs/variance)")
+    p.set_defaults(run=cmd_variance)
 
     for sub in commands.choices.values():
         sub.add_argument("--json", action="store_true", help="machine-readable output")

@@ -72,9 +72,10 @@ class JSA:
         terms = -(labelled_logp + log_p + log_q)
         loss = torch.where(chosen, weights * terms, torch.zeros_like(terms)).sum(-1).mean()
 
-        last = states[:, -1].tolist()
-        for b, example in enumerate(batch):
-            self.chain_cache[example.id] = int(rows[b, last[b]])
+        if self.cache:
+            last = states[:, -1].tolist()
+            for b, example in enumerate(batch):
+                self.chain_cache[example.id] = int(rows[b, last[b]])
         free = initial < 0  # the first proposal of a chain without a cached state is accepted unconditionally
         counted = torch.ones_like(accepted)
         counted[free, 0] = False
