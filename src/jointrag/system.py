@@ -71,8 +71,8 @@ class RAGSystem(nn.Module):
     # retrieval: search (no gradient) and score (differentiable)
 
     def search(self, questions: Sequence[str], k: int) -> np.ndarray:
-        """Prior top-k corpus rows (B, k), -1 padded."""
-        return self.index.search(questions, k)[1]
+        """Prior top-k corpus rows (B, k), -1 padded, searched with this system's query tower."""
+        return self.index.search_embeddings(self.retriever.encode_queries(questions), k)[1]
 
     def search_posterior(self, questions: Sequence[str], answers: Sequence[str], k: int) -> np.ndarray:
         """Posterior top-k corpus rows (B, k) for `x [SEP] y`, from the same index."""
