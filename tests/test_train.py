@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from jointrag.cli import EXIT_USER_ERROR, main
+from jointrag.cli import main
+from cli_helpers import assert_user_error, run, write_jsonl
 
 QA = [
     {"id": "q1", "question": "What is the capital of France?", "answers": ["Paris"], "gold_ids": ["p0"]},
@@ -36,9 +37,6 @@ def isolated_home(tmp_path, monkeypatch):
     assert not (tmp_path / "home").exists()
 
 
-def write_jsonl(path: Path, rows) -> Path:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -60,23 +58,8 @@ def index_dir(files, tiny_dir, tmp_path_factory) -> str:
     return str(out)
 
 
-def run(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
-def assert_user_error(capsys, *argv, names: tuple[str, ...] = ()) -> str:
-    """Exit status 2 and one `jointrag: error:` line, the last on stderr, without a traceback."""
-    code, _, err = run(capsys, *argv)
-    assert code == EXIT_USER_ERROR, err
-    assert "Traceback" not in err
-    lines = [line for line in re.split(r"[\r\n]", err) if line.strip()]  # tqdm bars may precede it
-    assert lines and lines[-1].startswith("jointrag: error: "), err
-    assert sum("jointrag: error" in line for line in lines) == 1
-    for name in names:
-        assert name in lines[-1], lines[-1]
-    return lines[-1]
 
 
 def train_argv(files, index_dir, tiny_dir, out, method="jsa", steps=2, *sets, generator="causal") -> list[str]:
