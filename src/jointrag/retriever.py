@@ -120,7 +120,7 @@ class Encoder(nn.Module):
     def encode(
         self, texts: Sequence[str], batch_size: int = 64, precision: str = "fp32", on_batch: Callable[[int], object] | None = None
     ) -> np.ndarray:
-        """Embeddings (n, D) as float32, without gradient.
+        """Embeddings (n, D) as float32, without gradient and without dropout.
 
         Texts are encoded in order of length so that a batch pads to similar lengths; the result is
         in the input order; `on_batch(n)` is called after each batch (progress bars). `precision="bf16"` runs the model under bf16 autocast: about twice as
@@ -128,12 +128,18 @@ class Encoder(nn.Module):
         """
         order = np.argsort([-len(t) for t in texts], kind="stable")
         out = np.empty((len(texts), self.dim), dtype=np.float32)
-        with autocast(self.device, precision):
-            for start in range(0, len(texts), batch_size):
-                rows = order[start : start + batch_size]
-                out[rows] = self([texts[i] for i in rows]).float().cpu().numpy()
-                if on_batch is not None:
-                    on_batch(len(rows))
+        modes = [(module, module.training) for module in self.modules()]
+        self.eval()  # search is deterministic: no dropout, even in the middle of training
+        try:
+            with autocast(self.device, precision):
+                for start in range(0, len(texts), batch_size):
+                    rows = order[start : start + batch_size]
+                    out[rows] = self([texts[i] for i in rows]).float().cpu().numpy()
+                    if on_batch is not None:
+                        on_batch(len(rows))
+        finally:
+            for module, training in modes:
+                module.training = training
         return out
 
     def fingerprint(self) -> str:
