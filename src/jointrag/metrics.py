@@ -1,8 +1,10 @@
-"""QA and retrieval metrics: pure functions over strings and id lists.
+"""QA, dialog and retrieval metrics: pure functions over strings and id lists.
 
 Answer metrics follow the official SQuAD v1.1 evaluation script so that numbers are comparable with
 published ones. Every function that takes `answers` scores against the best-matching reference
-(max over answers), as SQuAD and NQ-open do; with no reference answers the score is 0.
+(max over answers), as SQuAD and NQ-open do; with no reference answers the score is 0. Response
+metrics for dialog (BLEU, ROUGE-L) and knowledge selection follow the DSTC11 track 5 scorer. Every
+score is in [0, 1].
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import re
 import string
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from functools import lru_cache
+from typing import NamedTuple
 
 _PUNCTUATION = frozenset(string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -122,3 +126,95 @@ def _answer_list(answers: Sequence[str]) -> Sequence[str]:
 def _check_k(k: int) -> None:
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
+
+
+# --- dialog responses and knowledge selection ----------------------------------------------------
+
+
+def corpus_bleu(predictions: Sequence[str], references: Sequence[Sequence[str]], max_order: int = 4) -> float:
+    """Corpus-level BLEU with n-grams up to `max_order` (4 for BLEU-4, 1 for BLEU-1), by sacrebleu.
+
+    `references[i]` holds the reference texts of `predictions[i]`, one or more: n-gram matches are
+    clipped by the largest count in any of them, and the brevity penalty uses the reference length
+    closest to each prediction's. Matches and lengths are summed over the corpus before the
+    geometric mean (Papineni et al. 2002), so this is not a mean of sentence scores. sacrebleu's
+    defaults apply, as in the DSTC11 scorer: the "13a" tokeniser (mteval-v13a: punctuation split off,
+    case kept) and "exp" smoothing (the k-th n-gram order with no match at all counts as precision
+    1 / (2^k * number of n-grams of that order)). 0.0 for no predictions.
+    """
+    _check_aligned(predictions, references)
+    _check_sequences(references)
+    if any(not refs for refs in references):
+        raise ValueError("every prediction needs at least one reference text")
+    if not predictions:
+        return 0.0
+    from sacrebleu.metrics import BLEU
+
+    width = max(len(refs) for refs in references)
+    streams = [[refs[j] if j < len(refs) else None for refs in references] for j in range(width)]
+    return BLEU(max_ngram_order=max_order).corpus_score(list(predictions), streams).score / 100
+
+
+def rouge_l(prediction: str, answers: Sequence[str]) -> float:
+    """ROUGE-L F-measure (Lin 2004) against the best answer, by rouge-score, as the DSTC11 scorer.
+
+    Both sides are lower-cased, every run of characters other than a-z and 0-9 becomes a token break,
+    and tokens longer than 3 characters are Porter-stemmed. With L the length of the longest common
+    subsequence of the token lists, P = L / len(prediction), R = L / len(answer), F = 2PR / (P + R);
+    0.0 when either side has no tokens. Average over examples with `mean`.
+    """
+    scorer = _rouge_l_scorer()
+    return max((scorer.score(a, prediction)["rougeL"].fmeasure for a in _answer_list(answers)), default=0.0)
+
+
+class SelectionScores(NamedTuple):
+    """Knowledge-selection scores over a set of instances (see `knowledge_selection`)."""
+
+    precision: float
+    recall: float
+    f1: float
+    exact_match: float
+
+
+def knowledge_selection(predicted: Sequence[Iterable[str]], gold: Sequence[Iterable[str]]) -> SelectionScores:
+    """Precision, recall and F1 of predicted knowledge-snippet ids, micro-averaged like DSTC11 track 5.
+
+    Per instance, duplicates are dropped and tp = |predicted & gold|, fp = |predicted| - tp,
+    fn = |gold| - tp; these are summed over instances, then P = tp / (tp + fp), R = tp / (tp + fn) and
+    F1 = 2PR / (P + R), each 0.0 when undefined. `exact_match` is the fraction of instances whose
+    predicted set equals the gold set, among those where either set is non-empty (DSTC11's em_acc).
+    Ids are compared exactly: a snippet is atomic, unlike the chunked passages of `is_gold`.
+    """
+    _check_aligned(predicted, gold)
+    _check_sequences(predicted)
+    _check_sequences(gold)
+    tp = fp = fn = matched = scored = 0
+    for predicted_ids, gold_ids in zip(predicted, gold):
+        pred_set, gold_set = set(predicted_ids), set(gold_ids)
+        hits = len(pred_set & gold_set)
+        tp, fp, fn = tp + hits, fp + len(pred_set) - hits, fn + len(gold_set) - hits
+        if pred_set or gold_set:
+            scored += 1
+            matched += pred_set == gold_set
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return SelectionScores(precision, recall, f1, matched / scored if scored else 0.0)
+
+
+@lru_cache(maxsize=1)
+def _rouge_l_scorer():
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+
+def _check_aligned(predictions: Sequence, references: Sequence) -> None:
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions but {len(references)} references; they must align")
+
+
+def _check_sequences(entries: Sequence[Iterable[str]]) -> None:
+    """Refuse a bare string where a sequence of strings (texts or ids) is expected."""
+    if any(isinstance(entry, str) for entry in entries):
+        raise TypeError("each entry must be a sequence of strings (texts or ids), not a single string")

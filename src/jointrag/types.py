@@ -20,12 +20,17 @@ class Passage:
 
 @dataclass(frozen=True)
 class Example:
-    """A QA example: a question, its reference answers, and the ids of its gold passages if known."""
+    """A QA example: a question, its reference answers, and the ids of its gold passages if known.
+
+    A dialog example (see `jointrag.dialog`) also carries `history`: the (speaker, text) turns before
+    the response, speaker "user" or "agent"; its `question` is the retrieval query built from them.
+    """
 
     id: str
     question: str
     answers: tuple[str, ...]
     gold_ids: tuple[str, ...] = field(default=())
+    history: tuple[tuple[str, str], ...] = field(default=())
 
 
 @dataclass
