@@ -254,6 +254,11 @@ def cmd_train(args) -> None:
     metrics = train(config, resume=args.resume)
     if args.json:
         print(json.dumps(metrics))
+    elif config.method.name == "ra-dit":
+        from .train.radit import format_ablation
+
+        print(format_ablation(metrics))
+        print(f"\nwrote {config.out}/checkpoint (LM-ft + R-ft), lm-ft/, r-ft/ and ablation.{{json,md,png}}")
     else:
         print_table(metrics)
         print(f"\nwrote {config.out}/checkpoint, metrics.jsonl, tensorboard/ and plots/")
@@ -289,7 +294,7 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the generator's chat template")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="generation precision; auto = bf16 where the hardware runs it fast")
     parser.add_argument("--checkpoint", help="a trained model, RUN_DIR/checkpoint: its index, retriever, generator and prompt")
-    parser.add_argument("--decode", choices=["top1", "rag-sequence-fast", "rag-sequence-thorough", "rag-token"], help="top1: the top --contexts passages in one prompt (default); the RAG decoders mix one prompt per passage (a checkpoint's default: its eval.decode)")
+    parser.add_argument("--decode", choices=["top1", "rag-sequence-fast", "rag-sequence-thorough", "rag-token", "ensemble"], help="top1: the top --contexts passages in one prompt (default); the RAG decoders and RA-DIT's ensemble mix one prompt per passage (a checkpoint's default: its eval.decode)")
     parser.add_argument("--tau", type=float, help="retrieval temperature of the RAG decoders (default 0.1, or the checkpoint's)")
 
 
@@ -332,9 +337,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/eval", help="output directory (default runs/eval)")
     p.set_defaults(run=cmd_eval)
 
-    p = commands.add_parser("train", help="train a RAG model end to end: rag-sequence, rag-token, vrag or jsa")
+    p = commands.add_parser("train", help="train a RAG model: rag-sequence, rag-token, vrag, jsa or ra-dit")
     p.add_argument("--config", help="YAML recipe (see configs/); settings not given keep their defaults")
-    p.add_argument("--method", choices=["rag-sequence", "rag-token", "vrag", "jsa"], help="shorthand for --set method.name=...")
+    p.add_argument("--method", choices=["rag-sequence", "rag-token", "vrag", "jsa", "ra-dit", "ra-dit-lm", "ra-dit-lsr"], help="shorthand for --set method.name=...")
     p.add_argument("--data", help="training QA file (shorthand for --set data.train=...; default: the embedded train split)")
     p.add_argument("--index", help="index directory (shorthand for --set model.index=...)")
     p.add_argument("--out", help="run directory (shorthand for --set out=...)")

@@ -42,9 +42,10 @@ class ModelConfig:
 
 @dataclass
 class MethodConfig:
-    name: str = _field("jsa", "rag-sequence, rag-token, vrag or jsa")
-    k: int = _field(5, "candidates retrieved per example (prior top-K; VRAG/JSA also take the posterior's top-K)")
-    tau: float = _field(0.1, "retrieval temperature: p(z|x) = softmax(s(x,z)/tau) (JSA-RAG reference: 0.1, normalised embeddings)")
+    name: str = _field("jsa", "rag-sequence, rag-token, vrag, jsa, or ra-dit (both RA-DIT stages and their ablation), "
+                              "ra-dit-lm (its LM-ft stage), ra-dit-lsr (its R-ft stage)")
+    k: int = _field(5, "candidates retrieved per example (prior top-K; VRAG/JSA also take the posterior's top-K; RA-DIT R-ft: paper 10)")
+    tau: float = _field(0.1, "retrieval temperature: p(z|x) = softmax(s(x,z)/tau) (JSA-RAG reference: 0.1, normalised embeddings; RA-DIT's gamma)")
     reduce: str = _field("sum", "log p(y|x,z) as the 'sum' of token log-probs or their 'mean' (JSA-RAG reference code)")
     beta: float = _field(1.0, "VRAG: weight of KL(q || p)")
     estimator: str = _field("enumerate", "VRAG: 'enumerate' (exact q-weighted sum) or 'sample' (REINFORCE with a baseline)")
@@ -52,6 +53,13 @@ class MethodConfig:
     proposals: int = _field(50, "JSA: proposals M drawn from q per step (reference: 50); VRAG sample: samples per example")
     cache: bool = _field(True, "JSA: keep each example's last chain state between visits (textbook JSA)")
     states: str = _field("all", "JSA: pseudo-labels from 'all' chain states weighted by frequency (reference), or the 'last'")
+    lm_k: int = _field(3, "RA-DIT LM-ft: retrieved passages k', one training example each (paper: 3)")
+    lm_tau: float = _field(0.01, "RA-DIT R-ft: LM temperature in p_LSR = softmax(log p_LM(y|z,x) / lm_tau) (paper: 0.01)")
+    lsr_form: str = _field("log", "RA-DIT R-ft: softmax of the LM's 'log'-likelihood, or of its 'prob'ability (the paper's formula)")
+    lm_scores: str | None = _field(None, "RA-DIT R-ft: file of the frozen LM's scores, computed before training for the examples "
+                                         "the run visits and reused by later runs (the paper precomputes); unset: scored online each step")
+    corpus_ratio: float = _field(0.0, "RA-DIT R-ft: share of corpus-derived examples (x = a passage's first words, y = its last) in the training mix")
+    corpus_words: int = _field(32, "RA-DIT R-ft: words in x and in y of a corpus-derived example")
 
 
 @dataclass
@@ -76,14 +84,17 @@ class TrainConfig:
 class DataConfig:
     train: str | None = _field(None, "training QA file (default: the embedded train split)")
     dev: str | None = _field(None, "dev QA file (default: the embedded dev split)")
+    test: str | None = _field(None, "test QA file of a two-stage method's final table (RA-DIT ablation; default: the embedded test split)")
     format: str | None = _field(None, "squad, jsonl, dpr or nq-open (default: from the file name)")
 
 
 @dataclass
 class EvalConfig:
     limit: int = _field(100, "dev questions evaluated during training; 0: all")
+    test_limit: int = _field(0, "test questions in a two-stage method's final table; 0: all")
     k: int = _field(5, "passages retrieved for retrieval metrics and decoding")
-    decode: str = _field("top1", "top1 (greedy on the top passage), rag-sequence-fast, rag-sequence-thorough or rag-token")
+    decode: str = _field("top1", "top1 (greedy on the top passage), rag-sequence-fast, rag-sequence-thorough, rag-token, "
+                                 "or ensemble (RA-DIT: a greedy answer per passage, the best p_R-weighted mixture wins)")
     max_new_tokens: int = _field(16, "answer length limit")
     num_beams: int = _field(1, "beam size; 1 is greedy")
     batch_size: int = _field(16, "questions per generation batch")
@@ -100,7 +111,8 @@ class RunConfig:
 
 
 CHOICES = {
-    "method.name": ("rag-sequence", "rag-token", "vrag", "jsa"),
+    "method.name": ("rag-sequence", "rag-token", "vrag", "jsa", "ra-dit", "ra-dit-lm", "ra-dit-lsr"),
+    "method.lsr_form": ("log", "prob"),
     "method.reduce": ("sum", "mean"),
     "method.estimator": ("enumerate", "sample"),
     "method.candidates": ("union", "posterior"),
@@ -108,11 +120,12 @@ CHOICES = {
     "train.schedule": ("linear", "cosine", "constant"),
     "train.precision": ("auto", "bf16", "fp32"),
     "data.format": ("squad", "jsonl", "dpr", "nq-open", None),
-    "eval.decode": ("top1", "rag-sequence-fast", "rag-sequence-thorough", "rag-token"),
+    "eval.decode": ("top1", "rag-sequence-fast", "rag-sequence-thorough", "rag-token", "ensemble"),
 }
 POSITIVE = {"method.k", "method.tau", "method.proposals", "train.steps", "train.batch_size", "train.grad_accum",
             "train.log_every", "eval.k", "eval.max_new_tokens", "eval.num_beams", "eval.batch_size",
-            "model.max_prompt_tokens", "model.lora_r"}
+            "model.max_prompt_tokens", "model.lora_r", "method.lm_k", "method.lm_tau", "method.corpus_words"}
+FRACTION = {"method.corpus_ratio"}  # in [0, 1)
 
 
 def _coerce(value, kind, where: str):
@@ -154,6 +167,8 @@ def _set(config, dotted: str, value, where: str) -> None:
         raise UserError(f"{where}: '{dotted}' must be one of {', '.join(c for c in CHOICES[dotted] if c)}, not {value!r}")
     if dotted in POSITIVE and value <= 0:
         raise UserError(f"{where}: '{dotted}' must be positive, not {value!r}")
+    if dotted in FRACTION and not 0 <= value < 1:
+        raise UserError(f"{where}: '{dotted}' must be at least 0 and below 1, not {value!r}")
     setattr(target, leaf, value)
 
 

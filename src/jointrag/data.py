@@ -16,6 +16,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from jointrag.errors import UserError, at
 from jointrag.types import Example
 
@@ -351,3 +353,25 @@ def _id(path: Path, line: int | None, name: str, value: Any) -> str:
         where = at(path, line, name)
         raise UserError(f"{where}: expected a string or integer id, got {_type_name(value)}")
     return str(value)
+
+
+def corpus_examples(corpus, count: int, words: int, seed: int) -> list[Example]:
+    """RA-DIT's corpus-derived examples: x = the first `words` words of a passage, y = its last `words`.
+
+    `count` passages with at least 2 * `words` words are drawn from `corpus` (a `Corpus`) in a seeded
+    random order, repeating only when it has fewer. Each example excludes its own passage from
+    retrieval (`Example.exclude`): that passage holds y.
+    """
+    order = np.random.default_rng(seed).permutation(len(corpus))
+    picked: list[Example] = []
+    for row in order.tolist():
+        if len(picked) == count:
+            break
+        passage = corpus[row]
+        tokens = passage.text.split()
+        if len(tokens) >= 2 * words:
+            picked.append(Example(f"corpus:{passage.id}", " ".join(tokens[:words]), (" ".join(tokens[-words:]),),
+                                  exclude=(passage.id,)))
+    if not picked and count:
+        raise UserError(f"no passage of the corpus has {2 * words} words for corpus-derived examples; lower method.corpus_words")
+    return [picked[i % len(picked)] for i in range(count)]

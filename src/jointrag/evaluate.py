@@ -39,7 +39,7 @@ def answer(generator: Generator, template: PromptTemplate, questions: Sequence[s
     return generator.generate([template.render(q, c) for q, c in zip(questions, contexts)], **generation)
 
 
-DECODERS = ("top1", "rag-sequence-fast", "rag-sequence-thorough", "rag-token")
+DECODERS = ("top1", "rag-sequence-fast", "rag-sequence-thorough", "rag-token", "ensemble")
 
 
 def decode(
@@ -54,7 +54,9 @@ def decode(
     **generation,
 ) -> list[str]:
     """Answers by `method`: "top1" puts the top `contexts` passages in one prompt; the RAG decoders
-    (methods.md §1) mix one prompt per passage under p(z|x) = softmax(score / tau)."""
+    (methods.md §1) mix one prompt per passage under p(z|x) = softmax(score / tau). "ensemble" is
+    RA-DIT's parallel in-context decoding (methods.md §4), which is RAG-Sequence's thorough decoding:
+    a candidate per passage (per beam), each scored under every passage, the best mixture wins."""
     if method == "top1":
         return answer(generator, template, questions, [r.passages[:contexts] for r in retrieved], **generation)
     import torch
@@ -70,7 +72,8 @@ def decode(
     doc_logp = torch.log_softmax(scores / tau, dim=-1).to(generator.device)  # (B, K)
     if method == "rag-token":
         return rag_token_generate(generator, prompts, doc_logp, **generation)
-    return rag_sequence_generate(generator, prompts, doc_logp, mode=method.removeprefix("rag-sequence-"), **generation)
+    mode = "thorough" if method == "ensemble" else method.removeprefix("rag-sequence-")
+    return rag_sequence_generate(generator, prompts, doc_logp, mode=mode, **generation)
 
 
 def recall_cutoffs(k: int) -> list[int]:

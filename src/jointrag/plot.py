@@ -121,3 +121,25 @@ def plot_run(run_dir: Path | str) -> list[Path]:
     if extra:
         written.append(_save(out / "train_extra.png", extra, columns=min(3, len(extra))))
     return written
+
+
+def plot_bars(path: Path, title: str, groups: dict[str, dict[str, float]]) -> Path:
+    """Grouped bars: one group per metric, one bar per row of `groups` ({row: {metric: value}})."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    metrics = list(next(iter(groups.values())))
+    figure = Figure(figsize=(7, 4), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    width = 0.8 / len(groups)
+    for i, (row, values) in enumerate(groups.items()):
+        bars = axes.bar([m + i * width for m in range(len(metrics))], [values[key] for key in metrics], width, label=row)
+        axes.bar_label(bars, fmt="%.1f", fontsize=7)
+    axes.set_xticks([m + width * (len(groups) - 1) / 2 for m in range(len(metrics))], metrics)
+    axes.set(title=title, ylabel="%")
+    axes.grid(alpha=0.3, axis="y")
+    axes.legend(fontsize=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    return path

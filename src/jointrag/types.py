@@ -31,6 +31,7 @@ class Example:
     answers: tuple[str, ...]
     gold_ids: tuple[str, ...] = field(default=())
     history: tuple[tuple[str, str], ...] = field(default=())
+    exclude: tuple[str, ...] = field(default=())  # passage ids never to retrieve (a corpus-derived example's source)
 
 
 @dataclass

@@ -37,6 +37,7 @@ Shapes: B examples per batch, R draws, N batches, P parameters of one tower.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import random
@@ -50,7 +51,8 @@ from tqdm.auto import tqdm
 
 from .config import MethodConfig, RunConfig, load_config
 from .errors import UserError
-from .objectives import Objective, build_objective
+from .objectives import Objective
+from .train.build import objective_for
 from .runtime import autocast, resolve_precision
 from .system import RAGSystem
 from .types import Example
@@ -132,13 +134,8 @@ class GradientMoments:
 
 def variance_objectives(method: MethodConfig) -> dict[str, Objective]:
     """Each compared method's objective with the run's options (k, tau, M, ...); JSA without chain cache."""
-    return {
-        label: build_objective(
-            name, k=method.k, tau=method.tau, reduce=method.reduce, beta=method.beta, estimator=estimator,
-            candidates=method.candidates, proposals=method.proposals, cache=False, states=method.states,
-        )
-        for label, name, estimator in METHODS
-    }
+    return {label: objective_for(dataclasses.replace(method, name=name, estimator=estimator, cache=False))
+            for label, name, estimator in METHODS}
 
 
 def prepare(system: RAGSystem) -> dict[str, list[torch.nn.Parameter]]:

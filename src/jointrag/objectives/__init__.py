@@ -3,6 +3,8 @@
 An objective is a small callable `objective(system, batch) -> ObjectiveOutput` that owns no model.
 It declares what it needs (`needs_posterior`) and which parts it trains (`trains`, a subset of
 {"query", "posterior", "generator"}; the passage tower is a run option, not a method's choice).
+`prepare` runs once before training on the examples the run will visit (RA-DIT's R-ft computes the
+frozen LM's scores there).
 """
 
 from __future__ import annotations
@@ -13,12 +15,15 @@ from ..system import RAGSystem
 from ..types import Example, ObjectiveOutput
 from .jsa import JSA
 from .rag import RagSequence, RagToken
+from .radit import LSR, LMFinetune
 from .vrag import VRAG
 
 
 class Objective(Protocol):
     needs_posterior: bool
     trains: frozenset[str]
+
+    def prepare(self, system: RAGSystem, examples: Sequence[Example]) -> None: ...
 
     def __call__(self, system: RAGSystem, batch: Sequence[Example]) -> ObjectiveOutput: ...
 
@@ -27,14 +32,22 @@ class Objective(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
-OBJECTIVES = {"rag-sequence": RagSequence, "rag-token": RagToken, "vrag": VRAG, "jsa": JSA}
+OBJECTIVES = {"rag-sequence": RagSequence, "rag-token": RagToken, "vrag": VRAG, "jsa": JSA,
+              "ra-dit-lm": LMFinetune, "ra-dit-lsr": LSR}
 
 
-def build_objective(name: str, *, k: int, tau: float, reduce: str, beta: float, estimator: str,
-                    candidates: str, proposals: int, cache: bool, states: str) -> Objective:
+def build_objective(name: str, *, k: int, tau: float, reduce: str, beta: float, estimator: str, candidates: str,
+                    proposals: int, cache: bool, states: str, lm_k: int, lm_tau: float, lsr_form: str,
+                    lm_scores: str | None) -> Objective:
     """The objective called `name`, given only the options it reads."""
     if name in ("rag-sequence", "rag-token"):
         return OBJECTIVES[name](k=k, tau=tau, reduce=reduce)
     if name == "vrag":
         return VRAG(k=k, tau=tau, reduce=reduce, beta=beta, estimator=estimator, candidates=candidates, samples=proposals)
-    return JSA(k=k, tau=tau, reduce=reduce, proposals=proposals, cache=cache, states=states)
+    if name == "ra-dit-lm":
+        return LMFinetune(k=lm_k, reduce=reduce)
+    if name == "ra-dit-lsr":
+        return LSR(k=k, tau=tau, lm_tau=lm_tau, form=lsr_form, reduce=reduce, scores=lm_scores)
+    if name == "jsa":
+        return JSA(k=k, tau=tau, reduce=reduce, proposals=proposals, cache=cache, states=states)
+    raise ValueError(f"no objective called {name!r}")

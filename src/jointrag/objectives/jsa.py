@@ -23,11 +23,12 @@ import torch
 
 from ..system import RAGSystem, union_rows
 from ..types import Example, ObjectiveOutput
+from ._base import Stateless
 from ._math import log_softmax_masked, mis_chain, state_frequencies
 
 
 @dataclass
-class JSA:
+class JSA(Stateless):
     k: int = 5
     tau: float = 1.0
     reduce: str = "sum"

@@ -13,22 +13,17 @@ from typing import Sequence
 
 from ..system import RAGSystem
 from ..types import Example, ObjectiveOutput
+from ._base import Stateless
 from ._math import log_softmax_masked, rag_sequence_nll, rag_token_nll, sequence_logp
 
 
 @dataclass
-class _TopK:
+class _TopK(Stateless):
     k: int = 5
     tau: float = 1.0
     reduce: str = "sum"
     needs_posterior: bool = field(default=False, init=False)
     trains: frozenset = field(default=frozenset({"query", "generator"}), init=False)
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
 
     def _candidates(self, system: RAGSystem, batch: Sequence[Example]):
         questions, answers = [e.question for e in batch], [e.answers[0] for e in batch]

@@ -20,11 +20,12 @@ import torch
 
 from ..system import RAGSystem, union_rows
 from ..types import Example, ObjectiveOutput
+from ._base import Stateless
 from ._math import kl_divergence, log_softmax_masked, sequence_logp
 
 
 @dataclass
-class VRAG:
+class VRAG(Stateless):
     k: int = 5
     tau: float = 1.0
     reduce: str = "sum"
@@ -34,12 +35,6 @@ class VRAG:
     samples: int = 8
     needs_posterior: bool = field(default=True, init=False)
     trains: frozenset = field(default=frozenset({"query", "posterior", "generator"}), init=False)
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
 
     def __call__(self, system: RAGSystem, batch: Sequence[Example]) -> ObjectiveOutput:
         questions, answers = [e.question for e in batch], [e.answers[0] for e in batch]

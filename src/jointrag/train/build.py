@@ -5,8 +5,8 @@ This is the one place where configuration becomes plain constructor arguments.
 
 from __future__ import annotations
 
-from ..config import RunConfig
-from ..data import embedded_examples, load_examples
+from ..config import MethodConfig, RunConfig
+from ..data import corpus_examples, embedded_examples, load_examples
 from ..errors import UserError
 from ..objectives import Objective, build_objective
 from ..system import RAGSystem
@@ -14,10 +14,14 @@ from ..types import Example
 
 
 def objective_from(config: RunConfig) -> Objective:
-    m = config.method
+    return objective_for(config.method)
+
+
+def objective_for(m: MethodConfig) -> Objective:
     return build_objective(
         m.name, k=m.k, tau=m.tau, reduce=m.reduce, beta=m.beta, estimator=m.estimator,
-        candidates=m.candidates, proposals=m.proposals, cache=m.cache, states=m.states,
+        candidates=m.candidates, proposals=m.proposals, cache=m.cache, states=m.states, lm_k=m.lm_k,
+        lm_tau=m.lm_tau, lsr_form=m.lsr_form, lm_scores=m.lm_scores,
     )
 
 
@@ -63,13 +67,17 @@ def set_trainable(system: RAGSystem, trains: frozenset, *, passage_tower: bool, 
             parameter.requires_grad_(not lora or "lora_" in name)
 
 
-def examples_from(config: RunConfig) -> tuple[list[Example], list[Example]]:
-    """Training and dev examples: the given files, or the embedded train and dev splits."""
-    data = config.data
+def examples_from(config: RunConfig, corpus=None) -> tuple[list[Example], list[Example]]:
+    """Training and dev examples: the given files, or the embedded train and dev splits; with
+    `method.corpus_ratio`, corpus-derived examples from `corpus` make up that share of the training mix."""
+    data, method = config.data, config.method
     train = load_examples(data.train, data.format) if data.train else embedded_examples("train")
     dev = load_examples(data.dev, data.format) if data.dev else embedded_examples("dev")
     if not train:
         raise UserError(f"{data.train or 'the embedded train split'}: no training examples")
+    if method.corpus_ratio:
+        count = round(len(train) * method.corpus_ratio / (1 - method.corpus_ratio))
+        train = train + corpus_examples(corpus, count, method.corpus_words, config.train.seed)
     if config.eval.limit:
         dev = dev[: config.eval.limit]
     return train, dev

@@ -118,6 +118,15 @@ def load_weights(system, weights: dict, where: Path) -> None:
     system.load_state_dict(weights, strict=False)
 
 
+def evaluate_system(system, config: RunConfig, examples: list[Example]) -> tuple[list[dict], dict]:
+    """Predictions and metrics of `system` on `examples` with the run's evaluation settings."""
+    c = config.eval
+    return evaluate(
+        system.index, system.generator, examples, k=c.k, template=system.template, batch_size=c.batch_size,
+        max_new_tokens=c.max_new_tokens, num_beams=c.num_beams, decoder=c.decode, tau=config.method.tau,
+    )
+
+
 class Trainer:
     def __init__(self, config: RunConfig):
         self.config = config
@@ -128,7 +137,7 @@ class Trainer:
         self.objective = objective_from(config)
         self.system = system_from(config, self.objective.needs_posterior)
         set_trainable(self.system, self.objective.trains, passage_tower=config.model.train_passage_tower, lora=config.model.lora)
-        self.train_examples, self.dev_examples = examples_from(config)
+        self.train_examples, self.dev_examples = examples_from(config, self.system.index.corpus)
         self.sampler = Sampler(self.train_examples, config.train.seed)
         self.precision = resolve_precision(config.train.precision, self.system.generator.device)
         generator_ids = {id(p) for p in self.system.generator.parameters()}
@@ -226,15 +235,17 @@ class Trainer:
     # evaluation
 
     def evaluate(self) -> dict:
-        c = self.config
         self.system.eval()
-        _, result = evaluate(
-            self.system.index, self.system.generator, self.dev_examples, k=c.eval.k, template=self.system.template,
-            batch_size=c.eval.batch_size, max_new_tokens=c.eval.max_new_tokens, num_beams=c.eval.num_beams,
-            decoder=c.eval.decode, tau=c.method.tau,
-        )
+        _, result = evaluate_system(self.system, self.config, self.dev_examples)
         self.system.train()
         return {key: value for key, value in result.items() if isinstance(value, float)}
+
+    def upcoming(self) -> list[Example]:
+        """The examples the rest of the run will draw, in order (a copy of the sampler runs ahead)."""
+        c = self.config.train
+        ahead = Sampler(self.train_examples, c.seed)
+        ahead.load_state_dict(self.sampler.state_dict())
+        return ahead.next((c.steps - self.step) * c.grad_accum * c.batch_size)
 
     # the loop
 
@@ -260,6 +271,8 @@ class Trainer:
             for key, value in values.items():
                 writer.add_scalar(f"{split}/{key}", value, self.step)
 
+        with autocast(self.system.generator.device, self.precision):
+            self.objective.prepare(self.system, self.upcoming())
         if self.step == 0 and c.eval_every:
             record("eval", self.evaluate())
         self.system.train()
@@ -311,7 +324,11 @@ class Trainer:
 
 
 def train(config: RunConfig, resume: bool = False) -> dict:
-    """Train `config.method` and return the final dev metrics."""
+    """Train `config.method` and return its final metrics (RA-DIT: the ablation table)."""
+    if config.method.name == "ra-dit":
+        from .radit import run_ra_dit
+
+        return run_ra_dit(config, resume=resume)
     return Trainer(config).run(resume=resume)
 
 
@@ -325,10 +342,9 @@ def load_trained(directory: Path | str):
     if not (directory / "weights.pt").is_file():
         raise UserError(f"{directory} is not a checkpoint (no weights.pt); pass RUN_DIR/checkpoint")
     config = load_config(str(directory / "config.yaml"))
-    objective = objective_from(config)
-    system = system_from(config, objective.needs_posterior)
-    set_trainable(system, objective.trains, passage_tower=config.model.train_passage_tower, lora=config.model.lora)
-    load_weights(system, torch.load(directory / "weights.pt", weights_only=True), directory)
+    weights = torch.load(directory / "weights.pt", weights_only=True)
+    system = system_from(config, needs_posterior=any(name.startswith("posterior.") for name in weights))
+    load_weights(system, weights, directory)
     index = torch.load(directory / "trainer.pt", weights_only=False)["index"]
     if Path(index["directory"]) != system.index.directory.resolve():
         system.index = RetrievalIndex.open(index["directory"], system.retriever, built_by=index.get("encoder"))
