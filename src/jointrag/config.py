@@ -54,7 +54,8 @@ class MethodConfig:
     cache: bool = _field(True, "JSA: keep each example's last chain state between visits (textbook JSA)")
     states: str = _field("all", "JSA: pseudo-labels from 'all' chain states weighted by frequency (reference), or the 'last'")
     lm_k: int = _field(3, "RA-DIT LM-ft: retrieved passages k', one training example each (paper: 3)")
-    lm_tau: float = _field(0.01, "RA-DIT R-ft: LM temperature in p_LSR = softmax(log p_LM(y|z,x) / lm_tau) (paper: 0.01)")
+    lm_tau: float = _field(1.0, "RA-DIT R-ft: LM temperature in p_LSR = softmax(log p_LM(y|z,x) / lm_tau); 1 makes p_LSR the LM "
+                                "likelihood normalised over the candidates. The paper's 0.01 belongs to its probability form (lsr_form=prob)")
     lsr_form: str = _field("log", "RA-DIT R-ft: softmax of the LM's 'log'-likelihood, or of its 'prob'ability (the paper's formula)")
     lm_scores: str | None = _field(None, "RA-DIT R-ft: file of the frozen LM's scores, computed before training for the examples "
                                          "the run visits and reused by later runs (the paper precomputes); unset: scored online each step")
