@@ -17,6 +17,7 @@ from cli_helpers import assert_user_error, run, write_jsonl
 from jointrag.cli import main
 from jointrag.objectives._math import kl_divergence
 from jointrag.objectives.radit import lsr_log_target
+from jointrag.types import Example
 from test_train import QA, files, index_dir, isolated_home, train_argv  # noqa: F401 (fixtures)
 
 NEG_INF = float("-inf")
@@ -234,7 +235,8 @@ def test_ensemble_equals_a_brute_force_mixture(tiny_dir, passages):
     retrieved = [Retrieved(passages[3 * i : 3 * i + 3], [0.9, 0.5 - 0.2 * i, 0.1]) for i in range(2)]
     retrieved.append(Retrieved(passages[6:8], [0.3, 0.2]))  # fewer passages than the others
     tau = 0.3
-    answers = decode(generator, template, questions, retrieved, method="ensemble", tau=tau, max_new_tokens=6, num_beams=1)
+    examples = [Example(f"q{i}", question, ()) for i, question in enumerate(questions)]
+    answers = decode(generator, template, examples, retrieved, method="ensemble", tau=tau, max_new_tokens=6, num_beams=1)
     for question, result, answer in zip(questions, retrieved, answers):
         prompts = [template.render(question, [p]) for p in result.passages]
         candidates = list(dict.fromkeys(generator.generate([prompt], max_new_tokens=6)[0] for prompt in prompts))

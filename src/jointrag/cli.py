@@ -1,4 +1,4 @@
-"""The `jointrag` command line: index, retrieve, ask, eval, train, plot, variance.
+"""The `jointrag` command line: index, retrieve, ask, eval, train, plot, variance, dialog-data.
 
 Every subcommand has defaults that run on the embedded dataset (SQuAD v1.1 dev part) with the
 default models, so `jointrag eval` alone builds the default index if needed and evaluates the test
@@ -111,12 +111,12 @@ def resolve_index(index: str | None, retriever_name: str | None = None, params: 
 
 
 def load_template(path: str | None) -> "PromptTemplate":  # noqa: F821
-    """The prompt template from a YAML file (keys: template, passage_template, separator), or the default."""
+    """The prompt template from a YAML file (keys: the fields of `PromptTemplate`), or the default."""
     import dataclasses
 
     import yaml
 
-    from .generator import PromptTemplate
+    from .generator import PLACEHOLDERS, PromptTemplate
 
     if path is None:
         return PromptTemplate()
@@ -127,12 +127,16 @@ def load_template(path: str | None) -> "PromptTemplate":  # noqa: F821
     known = {f.name for f in dataclasses.fields(PromptTemplate)}
     if not isinstance(fields, dict) or not fields.keys() <= known or "template" not in fields:
         raise UserError(f"{path}: a prompt template is a mapping with 'template' and optionally {sorted(known - {'template'})}")
-    template = PromptTemplate(**fields)
-    try:
-        template.render("question", [])
-    except (KeyError, IndexError) as error:
-        raise UserError(f"{path}, field 'template': unknown placeholder {error}; use {{question}} and {{passages}}") from None
-    return template
+    for name, value in fields.items():
+        if not isinstance(value, str):
+            raise UserError(f"{path}, field '{name}': expected a string, got {value!r}")
+    for name, samples in PLACEHOLDERS.items():
+        try:
+            fields.get(name, "").format(**samples)
+        except (KeyError, IndexError, ValueError) as error:
+            allowed = ", ".join(f"{{{key}}}" for key in samples)
+            raise UserError(f"{path}, field '{name}': bad placeholder {error}; it may use {allowed}") from None
+    return PromptTemplate(**fields)
 
 
 def print_table(metrics: dict) -> None:
@@ -183,10 +187,12 @@ def answering(args, with_generator: bool = True):
 
 def cmd_ask(args) -> None:
     from .evaluate import decode, retrieve
+    from .types import Example
 
     index, generator, template, decoder, tau = answering(args)
     result = retrieve(index, [args.question], args.k)[0]
-    prediction = decode(generator, template, [args.question], [result], method=decoder, contexts=args.contexts, tau=tau,
+    example = Example("ask", args.question, ())
+    prediction = decode(generator, template, [example], [result], method=decoder, contexts=args.contexts, tau=tau,
                         max_new_tokens=args.max_new_tokens, num_beams=args.beams)[0]
     used = args.contexts if decoder == "top1" else args.k
     passages = [{"rank": i + 1, "score": round(s, 4), "id": p.id, "title": p.title, "text": p.text, "used": i < used} for i, (p, s) in enumerate(zip(result.passages, result.scores))]
@@ -200,7 +206,7 @@ def cmd_ask(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from .data import embedded_examples, load_examples
+    from .data import embedded_examples, load_examples, write_jsonl
     from .evaluate import evaluate
 
     out = Path(args.out)
@@ -215,9 +221,7 @@ def cmd_eval(args) -> None:
         max_new_tokens=args.max_new_tokens, num_beams=args.beams, decoder=decoder, tau=tau,
     )
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "predictions.jsonl", "w") as f:
-        for row in predictions:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    write_jsonl(out / "predictions.jsonl", predictions)
     metrics = {"data": args.data or f"embedded:{args.split}", "index": str(index.directory), "checkpoint": args.checkpoint, "decode": decoder, **metrics}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     if args.json:
@@ -225,6 +229,31 @@ def cmd_eval(args) -> None:
     else:
         print_table(metrics)
         print(f"\nwrote {out / 'predictions.jsonl'} and {out / 'metrics.json'}")
+
+
+def cmd_dialog_data(args) -> None:
+    """Convert a dialog set into QA JSONL files split by dialog, and its knowledge into a corpus."""
+    from .data import save_examples, write_jsonl
+    from .dialog import dialog_id, load_dialog, split_by_dialog
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a directory")
+    examples, passages = load_dialog(args.input, args.format, args.last_turns or None)
+    splits = dict(zip(("train", "test"), split_by_dialog(examples, args.test_fraction, args.seed)))
+    out.mkdir(parents=True, exist_ok=True)
+    for name, split in splits.items():
+        save_examples(out / f"{name}.jsonl", split)
+    write_jsonl(out / "corpus.jsonl", ({"id": p.id, "title": p.title, "text": p.text} for p in passages))
+    summary = {"out": str(out), "passages": len(passages)}
+    for name, split in splits.items():
+        summary[name] = {"examples": len(split), "dialogs": len({dialog_id(e) for e in split})}
+    if args.json:
+        print(json.dumps(summary))
+        return
+    for name in splits:
+        print(f"{out / name}.jsonl: {summary[name]['examples']} examples from {summary[name]['dialogs']} dialogs")
+    print(f"{out / 'corpus.jsonl'}: {len(passages)} passages")
 
 
 def cmd_plot(args) -> None:
@@ -328,7 +357,7 @@ def make_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("eval", help="answer a QA set; write predictions.jsonl and metrics.json")
     add_index_options(p)
     add_generation_options(p)
-    p.add_argument("--data", help="QA file: SQuAD .json, .jsonl (question, answers), DPR .json, NQ-open .jsonl (default: the embedded set)")
+    p.add_argument("--data", help="QA file: SQuAD .json, .jsonl (question, answers, optionally history), DPR .json, NQ-open .jsonl (default: the embedded set)")
     p.add_argument("--data-format", choices=["squad", "jsonl", "dpr", "nq-open"])
     p.add_argument("--split", default="test", choices=["train", "dev", "test", "all"], help="split of the embedded set (default test)")
     p.add_argument("--limit", type=positive_int, help="evaluate only the first N examples")
@@ -348,6 +377,15 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--help-config", action="store_true", help="list every setting with its default and meaning, then exit")
     p.set_defaults(run=cmd_train)
+
+    p = commands.add_parser("dialog-data", help="convert a dialog set into train/test JSONL split by dialog and a corpus JSONL")
+    p.add_argument("--input", required=True, help="DSTC11 track 5 folder or logs file, MTRAG-UN or OR-QuAC JSON Lines, DoQA JSON")
+    p.add_argument("--format", choices=["dstc11", "mtrag", "orquac", "doqa"], help="dialog format (default: detected)")
+    p.add_argument("--out", required=True, help="directory for train.jsonl, test.jsonl and corpus.jsonl")
+    p.add_argument("--test-fraction", type=float, default=0.2, help="share of the dialogs held out for test (default 0.2)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the dialog shuffle (default 0)")
+    p.add_argument("--last-turns", type=non_negative_int, default=3, help="turns the retrieval query is built from (default 3; 0: all)")
+    p.set_defaults(run=cmd_dialog_data)
 
     p = commands.add_parser("plot", help="draw a training run's metrics.jsonl as PNGs in RUN_DIR/plots")
     p.add_argument("run_dir", metavar="RUN_DIR")

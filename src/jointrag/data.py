@@ -4,6 +4,10 @@ Every loader returns `list[Example]`. Bad input raises `UserError` whose message
 where it applies, the line (JSON Lines) or the field (a JSON path such as `data[0].title`), so that a
 user can find and fix the offending record without a traceback.
 
+Our JSON Lines format may also carry a dialog `history` (`[[speaker, text], ...]`, speaker "user" or
+"agent"); `save_examples` writes it, so dialog data converted once (`jointrag dialog-data`) is read
+by every command like QA data.
+
 Answers are deduplicated with their order kept, in every format: duplicates carry no information for
 max-over-answers metrics and SQuAD repeats the same span once per annotator.
 """
@@ -12,6 +16,7 @@ from __future__ import annotations
 
 import gzip
 import json
+from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -23,6 +28,7 @@ from jointrag.types import Example
 
 FORMATS = ("squad", "jsonl", "dpr", "nq-open")
 SPLITS = ("train", "dev", "test", "all")
+SPEAKERS = ("user", "agent")
 
 EMBEDDED_SQUAD = Path(__file__).parent / "resources" / "squad-v1.1-dev-part-a.json.gz"
 
@@ -62,6 +68,26 @@ def load_examples(path: str | Path, fmt: str | None = None) -> list[Example]:
     if fmt == "squad":
         return _parse_squad(path, doc)
     return _parse_dpr(path, doc)
+
+
+def save_examples(path: str | Path, examples: Iterable[Example]) -> None:
+    """Write examples as JSON Lines that `load_examples` reads back equal: `id`, `question`, `answers`,
+    `gold_ids`, and `history` where there is one. `exclude` is not written."""
+    write_jsonl(path, (_example_record(e) for e in examples))
+
+
+def write_jsonl(path: str | Path, records: Iterable[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def _example_record(example: Example) -> dict:
+    record = {"id": example.id, "question": example.question, "answers": list(example.answers),
+              "gold_ids": list(example.gold_ids)}
+    if example.history:
+        record["history"] = [list(turn) for turn in example.history]
+    return record
 
 
 def split_of_article(i: int) -> str:
@@ -197,7 +223,20 @@ def _jsonl_example(path: Path, line: int, record: Any) -> Example:
     gold_ids: tuple[str, ...] = ()
     if "gold_ids" in record:
         gold_ids = _strings(path, line, "gold_ids", record["gold_ids"], allow_empty=True)
-    return Example(id=example_id, question=question, answers=answers, gold_ids=gold_ids)
+    history = _history(path, line, record["history"]) if "history" in record else ()
+    return Example(id=example_id, question=question, answers=answers, gold_ids=gold_ids, history=history)
+
+
+def _history(path: Path, line: int, value: Any) -> tuple[tuple[str, str], ...]:
+    """A dialog history: a list of [speaker, text] pairs of strings, speaker "user" or "agent"."""
+    if not isinstance(value, list):
+        raise UserError(f"{at(path, line, 'history')}: expected a list of [speaker, text] pairs, got {_type_name(value)}")
+    for j, turn in enumerate(value):
+        if not (isinstance(turn, list) and len(turn) == 2 and all(isinstance(v, str) for v in turn)):
+            raise UserError(f"{at(path, line, f'history[{j}]')}: expected a [speaker, text] pair of strings, got {json.dumps(turn)[:80]}")
+        if turn[0] not in SPEAKERS:
+            raise UserError(f"{at(path, line, f'history[{j}][0]')}: expected speaker 'user' or 'agent', got {turn[0]!r}")
+    return tuple((speaker, text) for speaker, text in value)
 
 
 # --- SQuAD v1.1 -------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from typing import Sequence
 import torch
 from transformers.modeling_outputs import BaseModelOutput
 
-from .generator import Generator
+from .generator import Generator, Prompt
 from .runtime import autocast
 
 NEG_INF = float("-inf")
@@ -37,7 +37,7 @@ class _Rows:
     returns the next-token log-probs (B*K*W, V).
     """
 
-    def __init__(self, generator: Generator, prompts: list[str], beams: int):
+    def __init__(self, generator: Generator, prompts: list[Prompt], beams: int):
         self.model, self.seq2seq = generator.model, generator.seq2seq
         batch = generator.tokenizer.pad({"input_ids": generator._prompt_ids(prompts)}, return_tensors="pt").to(generator.device)
         mask = batch["attention_mask"]  # (B*K, P)
@@ -78,7 +78,7 @@ class _Rows:
 
 @torch.inference_mode()
 def _rag_token_search(
-    generator: Generator, prompts: Sequence[Sequence[str]], doc_logp: torch.Tensor, max_new_tokens: int, num_beams: int
+    generator: Generator, prompts: Sequence[Sequence[Prompt]], doc_logp: torch.Tensor, max_new_tokens: int, num_beams: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Beam search over the mixture; returns the best ids (B, S) and their summed mixture log-probs (B,).
 
@@ -131,7 +131,7 @@ def _answer(generator: Generator, ids: torch.Tensor) -> list[str]:
 
 
 def rag_token_generate(
-    generator: Generator, prompts: Sequence[Sequence[str]], doc_logp: torch.Tensor, *, max_new_tokens: int = 32, num_beams: int = 1
+    generator: Generator, prompts: Sequence[Sequence[Prompt]], doc_logp: torch.Tensor, *, max_new_tokens: int = 32, num_beams: int = 1
 ) -> list[str]:
     """RAG-Token decoding: greedy (num_beams=1) or beam search over the passage mixture.
 
@@ -145,7 +145,7 @@ def rag_token_generate(
 @torch.inference_mode()
 def rag_sequence_generate(
     generator: Generator,
-    prompts: Sequence[Sequence[str]],
+    prompts: Sequence[Sequence[Prompt]],
     doc_logp: torch.Tensor,
     *,
     mode: str = "thorough",

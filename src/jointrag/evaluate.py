@@ -1,8 +1,14 @@
-"""Retrieve, answer and score a set of QA examples.
+"""Retrieve, answer and score a set of QA or dialog examples.
+
+Retrieval reads each example's `question` (a dialog's query); the generator's prompt is built from
+the whole example (`PromptTemplate.prompt`: question and dialog history).
 
 Retrieval metrics: answer recall@k (an answer string inside one of the top k passages) for every
 example, and gold-passage recall@k and MRR@k for examples whose gold passage ids are known.
-Answer metrics: SQuAD EM and token F1 (see `metrics.normalize_answer`).
+Answer metrics: SQuAD EM and token F1 (see `metrics.normalize_answer`). Dialog examples (those with
+a history) add response BLEU-1 and BLEU-4 (corpus BLEU over their predictions) and ROUGE-L, and the
+knowledge-selection precision, recall and F1 of the top retrieved passage against their gold ids
+(DSTC11 track 5's measures, `metrics.knowledge_selection`).
 """
 
 from __future__ import annotations
@@ -34,9 +40,9 @@ def retrieve(index: RetrievalIndex, questions: Sequence[str], k: int) -> list[Re
     return results
 
 
-def answer(generator: Generator, template: PromptTemplate, questions: Sequence[str], contexts: Sequence[Sequence[Passage]], **generation) -> list[str]:
-    """One answer per question, generated from a prompt that holds its context passages."""
-    return generator.generate([template.render(q, c) for q, c in zip(questions, contexts)], **generation)
+def answer(generator: Generator, template: PromptTemplate, examples: Sequence[Example], contexts: Sequence[Sequence[Passage]], **generation) -> list[str]:
+    """One answer per example, generated from a prompt that holds its context passages."""
+    return generator.generate([template.prompt(e, c, generator.chat) for e, c in zip(examples, contexts)], **generation)
 
 
 DECODERS = ("top1", "rag-sequence-fast", "rag-sequence-thorough", "rag-token", "ensemble")
@@ -45,7 +51,7 @@ DECODERS = ("top1", "rag-sequence-fast", "rag-sequence-thorough", "rag-token", "
 def decode(
     generator: Generator,
     template: PromptTemplate,
-    questions: Sequence[str],
+    examples: Sequence[Example],
     retrieved: Sequence[Retrieved],
     *,
     method: str = "top1",
@@ -58,15 +64,15 @@ def decode(
     RA-DIT's parallel in-context decoding (methods.md §4), which is RAG-Sequence's thorough decoding:
     a candidate per passage (per beam), each scored under every passage, the best mixture wins."""
     if method == "top1":
-        return answer(generator, template, questions, [r.passages[:contexts] for r in retrieved], **generation)
+        return answer(generator, template, examples, [r.passages[:contexts] for r in retrieved], **generation)
     import torch
 
     from .decoding import rag_sequence_generate, rag_token_generate
 
     width = max(len(r.passages) for r in retrieved)
     prompts, scores = [], torch.full((len(retrieved), width), float("-inf"))
-    for i, (question, result) in enumerate(zip(questions, retrieved)):
-        row = [template.render(question, [p]) for p in result.passages]
+    for i, (example, result) in enumerate(zip(examples, retrieved)):
+        row = [template.prompt(example, [p], generator.chat) for p in result.passages]
         prompts.append(row + [row[-1]] * (width - len(row)))  # padded prompts carry -inf weight
         scores[i, : len(result.scores)] = torch.tensor(result.scores)
     doc_logp = torch.log_softmax(scores / tau, dim=-1).to(generator.device)  # (B, K)
@@ -102,10 +108,9 @@ def evaluate(
     with tqdm(total=len(examples), unit="question", desc="evaluating", dynamic_ncols=True) as bar:
         for start in range(0, len(examples), batch_size):
             batch = examples[start : start + batch_size]
-            questions = [e.question for e in batch]
-            retrieved = retrieve(index, questions, k)
+            retrieved = retrieve(index, [e.question for e in batch], k)
             answers = (
-                decode(generator, template, questions, retrieved, method=decoder, contexts=contexts, tau=tau, max_new_tokens=max_new_tokens, num_beams=num_beams)
+                decode(generator, template, batch, retrieved, method=decoder, contexts=contexts, tau=tau, max_new_tokens=max_new_tokens, num_beams=num_beams)
                 if generator is not None
                 else [None] * len(batch)
             )
@@ -132,17 +137,34 @@ def score_example(example: Example, result: Retrieved, prediction: str | None, k
     if example.gold_ids:
         row["gold_recall"] = {c: metrics.gold_recall_at_k(ids, example.gold_ids, c) for c in recall_cutoffs(k)}
         row["mrr"] = metrics.reciprocal_rank(ids, example.gold_ids, k)
+    if example.history:
+        row["history"] = [list(turn) for turn in example.history]
+        row["gold_ids"] = list(example.gold_ids)
+        if prediction is not None:
+            row["rouge_l"] = metrics.rouge_l(prediction, example.answers)
     return row
 
 
 def aggregate(predictions: Sequence[dict], k: int) -> dict:
-    """Means over examples, as percentages; gold metrics over the examples that have gold ids."""
+    """Means over examples, as percentages; gold metrics over the examples that have gold ids, dialog
+    metrics over the dialog examples."""
     with_gold = [p for p in predictions if "gold_recall" in p]
     answered = [p for p in predictions if "em" in p]
+    dialogs = [p for p in predictions if "history" in p]
     out: dict = {"examples": len(predictions), "k": k}
     if answered:
         out["em"] = 100 * metrics.mean([p["em"] for p in answered])
         out["f1"] = 100 * metrics.mean([p["f1"] for p in answered])
+    responses = [p for p in dialogs if "rouge_l" in p]
+    if responses:
+        texts, references = [p["prediction"] for p in responses], [p["answers"] for p in responses]
+        out["bleu1"] = 100 * metrics.corpus_bleu(texts, references, max_order=1)
+        out["bleu4"] = 100 * metrics.corpus_bleu(texts, references, max_order=4)
+        out["rouge_l"] = 100 * metrics.mean([p["rouge_l"] for p in responses])
+    if dialogs:
+        selected = [[p["passages"][0]["id"]] if p["passages"] else [] for p in dialogs]  # the top passage
+        scores = metrics.knowledge_selection(selected, [p["gold_ids"] for p in dialogs])
+        out.update({f"knowledge_{name}": 100 * getattr(scores, name) for name in ("precision", "recall", "f1")})
     for c in recall_cutoffs(k):
         out[f"answer_recall@{c}"] = 100 * metrics.mean([p["answer_recall"][c] for p in predictions])
     if with_gold:

@@ -8,6 +8,9 @@ For causal LMs, prompts are left-padded and targets right-padded, so every row's
 the same position and only the last T+1 positions need the vocabulary projection (`logits_to_keep`):
 the (rows, prompt length, vocabulary) logits tensor is never formed.
 
+A prompt (`Prompt`) is a text, or, for a dialog under a chat template, the chat messages as
+(role, content) pairs; `Generator.format_prompt` turns either into the model's input text.
+
 Shapes: B examples, K passages per example, T target tokens, V vocabulary.
 """
 
@@ -22,9 +25,10 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .dialog import History, render_history
 from .errors import UserError, local_path
 from .runtime import autocast, default_device, resolve_precision
-from .types import Passage
+from .types import Example, Passage
 
 DEFAULT_GENERATOR = "SmolLM2-135M-Instruct"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -42,23 +46,56 @@ FEW_SHOT_QA = (
 )
 
 
+Messages = tuple[tuple[str, str], ...]  # chat messages as (role, content): "system", "user", "assistant"
+Prompt = str | Messages
+
+# the placeholders each template field may use, with sample values to check a template file against
+PLACEHOLDERS = {
+    "template": {"question": "question", "passages": "passages", "history": "User: hi"},
+    "passage_template": {"title": "title", "text": "text", "index": 1},
+    "system_template": {"passages": "passages"},
+}
+CHAT_ROLES = {"user": "user", "agent": "assistant"}
+
+
 @dataclass(frozen=True)
 class PromptTemplate:
-    """How a question and its passages become the generator's input.
+    """How an example (question, dialog history) and its passages become the generator's input.
 
-    `template` receives `{question}` and `{passages}`; each passage is rendered with
-    `passage_template` (`{title}`, `{text}`, `{index}` from 1) and joined with `separator`.
+    `template` receives `{question}`, `{passages}` and `{history}` (the dialog turns, one per line,
+    tagged `user_tag: ...` and `agent_tag: ...`; empty for a QA example); each passage is rendered
+    with `passage_template` (`{title}`, `{text}`, `{index}` from 1) and joined with `separator`.
+    Under a chat template a dialog becomes messages instead (`messages`): `system_template` with
+    the `{passages}` as the system message, then the turns as user and assistant messages.
     """
 
     template: str = FEW_SHOT_QA
     passage_template: str = "Title: {title}\n{text}"
     separator: str = "\n\n"
+    user_tag: str = "User"
+    agent_tag: str = "Agent"
+    system_template: str = "{passages}"
 
-    def render(self, question: str, passages: Sequence[Passage]) -> str:
-        rendered = self.separator.join(
+    def render_passages(self, passages: Sequence[Passage]) -> str:
+        return self.separator.join(
             self.passage_template.format(title=p.title, text=p.text, index=i + 1) for i, p in enumerate(passages)
         )
-        return self.template.format(question=question, passages=rendered)
+
+    def render(self, question: str, passages: Sequence[Passage], history: History = ()) -> str:
+        """The completion prompt; with no history it is the same text as without the `{history}` field."""
+        tagged = render_history(history, self.user_tag, self.agent_tag)
+        return self.template.format(question=question, passages=self.render_passages(passages), history=tagged)
+
+    def messages(self, history: History, passages: Sequence[Passage]) -> Messages:
+        """A dialog as chat messages: the knowledge in a system message, then one message per turn."""
+        knowledge = self.system_template.format(passages=self.render_passages(passages))
+        return (("system", knowledge), *((CHAT_ROLES[speaker], text.strip()) for speaker, text in history))
+
+    def prompt(self, example: Example, passages: Sequence[Passage], chat: bool = False) -> Prompt:
+        """The prompt for `example`: chat messages for a dialog when `chat`, else the rendered text."""
+        if chat and example.history:
+            return self.messages(example.history, passages)
+        return self.render(example.question, passages, example.history)
 
 
 def default_generator_path() -> Path:
@@ -105,15 +142,19 @@ class Generator(nn.Module):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def format_prompt(self, prompt: str) -> str:
-        """The model's input text: the prompt in the chat template as a user turn, when chatting."""
+    def format_prompt(self, prompt: Prompt) -> str:
+        """The model's input text: when chatting, the chat template applied to the messages, a text
+        prompt being one user message."""
         if not self.chat:
+            if not isinstance(prompt, str):
+                raise ValueError("chat messages need a generator that chats (chat=True)")
             return prompt
+        messages = [("user", prompt)] if isinstance(prompt, str) else prompt
         return self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+            [{"role": role, "content": content} for role, content in messages], add_generation_prompt=True, tokenize=False
         )
 
-    def _prompt_ids(self, prompts: Sequence[str]) -> list[list[int]]:
+    def _prompt_ids(self, prompts: Sequence[Prompt]) -> list[list[int]]:
         ids = self.tokenizer(
             [self.format_prompt(p) for p in prompts], add_special_tokens=not self.chat
         )["input_ids"]
@@ -126,7 +167,7 @@ class Generator(nn.Module):
         ids = self.tokenizer([lead + t for t in targets], add_special_tokens=False)["input_ids"]
         return [row + [self.tokenizer.eos_token_id] for row in ids]
 
-    def target_logprobs(self, prompts: Sequence[Sequence[str]], targets: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def target_logprobs(self, prompts: Sequence[Sequence[Prompt]], targets: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher-forced log p(y_t | prompt, y_<t) for B targets under each of their K prompts.
 
         Returns (logp (B, K, T), mask (B, K, T)); padding positions hold 0 log-probability.
@@ -139,7 +180,7 @@ class Generator(nn.Module):
         logp, mask = self.pair_logprobs(flat_prompts, flat_targets)
         return logp.view(batch, k, -1), mask.view(batch, k, -1)  # (B, K, T)
 
-    def pair_logprobs(self, prompts: Sequence[str], targets: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def pair_logprobs(self, prompts: Sequence[Prompt], targets: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher-forced log-probs of N (prompt, target) pairs: (logp (N, T), mask (N, T))."""
         if len(prompts) != len(targets):
             raise ValueError("pair_logprobs needs as many prompts as targets")
@@ -178,7 +219,7 @@ class Generator(nn.Module):
     @torch.inference_mode()
     def generate(
         self,
-        prompts: Sequence[str],
+        prompts: Sequence[Prompt],
         *,
         max_new_tokens: int = 32,
         num_beams: int = 1,

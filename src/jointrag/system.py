@@ -3,7 +3,9 @@
 `RAGSystem` holds the bi-encoder retriever (query tower, passage tower), the generator and, for the
 methods that need one, the posterior retriever q(z|x,y): its own query tower reading `x [SEP] y`,
 sharing the passage tower and the index (methods.md §2-3). The index and corpus are plain handles,
-not modules. Objectives call the methods below and own no model.
+not modules. Objectives call the methods below and own no model. Retrieval reads an example's
+`question` (for a dialog, the query built from its last turns); the generator's prompt is built from
+the whole example (question and dialog history, `PromptTemplate.prompt`).
 
 Candidates are corpus rows in a (B, K) integer array, -1 where an example has fewer; their mask is
 `rows >= 0`. Shapes: B examples, K or P candidates, T target tokens, D embedding size.
@@ -18,11 +20,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .generator import Generator, PromptTemplate
+from .generator import Generator, Prompt, PromptTemplate
 from .index import RetrievalIndex
 from .objectives._math import sequence_logp
 from .retriever import BiEncoder, Encoder
-from .types import Passage
+from .types import Example, Passage
 
 EMPTY = Passage("", "", "")
 
@@ -106,19 +108,20 @@ class RAGSystem(nn.Module):
     def passages(self, rows: np.ndarray) -> list[list[Passage | None]]:
         return self.index.passages(rows)
 
-    def prompts(self, questions: Sequence[str], rows: np.ndarray) -> list[list[str]]:
-        """One prompt per (example, candidate): B rows of K prompts; padded candidates get an empty passage."""
-        return [
-            [self.template.render(q, [p or EMPTY]) for p in row]
-            for q, row in zip(questions, self.passages(rows))
-        ]
+    def prompt(self, example: Example, passage: Passage | None) -> Prompt:
+        """The generator's prompt for `example` with one passage; a padded candidate gets an empty one."""
+        return self.template.prompt(example, [passage or EMPTY], self.generator.chat)
 
-    def target_logprobs(self, questions: Sequence[str], rows: np.ndarray, answers: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def prompts(self, examples: Sequence[Example], rows: np.ndarray) -> list[list[Prompt]]:
+        """One prompt per (example, candidate): B rows of K prompts."""
+        return [[self.prompt(e, p) for p in row] for e, row in zip(examples, self.passages(rows))]
+
+    def target_logprobs(self, examples: Sequence[Example], rows: np.ndarray, answers: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """log p(y_t | x, z, y_<t) for every candidate: (logp (B, K, T), mask (B, K, T))."""
-        return self.generator.target_logprobs(self.prompts(questions, rows), answers)
+        return self.generator.target_logprobs(self.prompts(examples, rows), answers)
 
     def selected_logprobs(
-        self, questions: Sequence[str], rows: np.ndarray, selected: torch.Tensor, answers: Sequence[str], reduce: str
+        self, examples: Sequence[Example], rows: np.ndarray, selected: torch.Tensor, answers: Sequence[str], reduce: str
     ) -> torch.Tensor:
         """log p(y | x, z) (B, P) for the selected (example, candidate) pairs only, -inf elsewhere.
 
@@ -130,7 +133,7 @@ class RAGSystem(nn.Module):
         values = []
         for start in range(0, len(pairs), self.max_pairs):
             chunk = pairs[start : start + self.max_pairs]
-            prompts = [self.template.render(questions[b], [passages[b][p] or EMPTY]) for b, p in chunk]
+            prompts = [self.prompt(examples[b], passages[b][p]) for b, p in chunk]
             logp, mask = self.generator.pair_logprobs(prompts, [answers[b] for b, _ in chunk])  # (n, T)
             values.append(sequence_logp(logp.unsqueeze(1), mask.unsqueeze(1), reduce).squeeze(1))
         if values:

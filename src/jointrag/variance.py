@@ -51,6 +51,7 @@ from tqdm.auto import tqdm
 
 from .config import MethodConfig, RunConfig, load_config
 from .errors import UserError
+from .generator import Prompt
 from .objectives import Objective
 from .train.build import objective_for
 from .runtime import autocast, resolve_precision
@@ -163,9 +164,9 @@ def scored_once(generator):
     if any(p.requires_grad for p in generator.parameters()):
         raise ValueError("scored_once needs a frozen generator")
     original = generator.pair_logprobs
-    memo: dict[tuple[str, str], torch.Tensor] = {}  # (prompt, target) -> log-probs of its T_i target tokens
+    memo: dict[tuple[Prompt, str], torch.Tensor] = {}  # (prompt, target) -> log-probs of its T_i target tokens
 
-    def pair_logprobs(prompts: Sequence[str], targets: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def pair_logprobs(prompts: Sequence[Prompt], targets: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         keys = list(zip(prompts, targets))
         missing = list(dict.fromkeys(key for key in keys if key not in memo))
         if missing:

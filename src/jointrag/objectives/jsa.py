@@ -59,7 +59,7 @@ class JSA(Stateless):
         proposed = torch.zeros_like(mask).scatter_(1, draws, True)
         proposed[initial >= 0, 0] = True
         with torch.no_grad():
-            gen_logp = system.selected_logprobs(questions, rows, proposed, answers, self.reduce)  # (B, P)
+            gen_logp = system.selected_logprobs(batch, rows, proposed, answers, self.reduce)  # (B, P)
         log_w = log_p.detach() + gen_logp - log_q.detach()
         uniforms = torch.rand(draws.shape, device=device)
         states, accepted = mis_chain(log_w, draws, initial, uniforms)  # (B, M)
@@ -69,7 +69,7 @@ class JSA(Stateless):
         else:
             weights = torch.zeros_like(log_p).scatter_(1, states[:, -1:], 1.0)
         chosen = weights > 0
-        labelled_logp = system.selected_logprobs(questions, rows, chosen, answers, self.reduce)  # (B, P), with gradient
+        labelled_logp = system.selected_logprobs(batch, rows, chosen, answers, self.reduce)  # (B, P), with gradient
         terms = -(labelled_logp + log_p + log_q)
         loss = torch.where(chosen, weights * terms, torch.zeros_like(terms)).sum(-1).mean()
 

@@ -7,7 +7,9 @@ Two independent stages; `train/radit.py` runs both and the ablation.
   The retriever is frozen; the generator trains (LoRA or all weights).
 - `LSR` (R-ft, LM-supervised retrieval): over the top-k candidates, the frozen LM's preference
   p_LSR(z|x,y) = softmax(log p_LM(y | z ∘ x) / lm_tau) (or softmax(p_LM / lm_tau), the paper's
-  formula, with form="prob"), the retriever's p_R(z|x) = softmax(s(x,z) / tau), and the loss
+  formula, with form="prob"; its tau = 0.01 suits probabilities in [0, 1], while on log-likelihoods it
+  makes p_LSR one-hot and the KL hundreds of nats, so the log form defaults to lm_tau = 1: the LM's
+  likelihood normalised over the candidates), the retriever's p_R(z|x) = softmax(s(x,z) / tau), and the loss
   KL(p_R || p_LSR). Only the query tower trains. The LM's scores are computed online each step, or
   once before training (`scores`: a file, reused by later runs), as the paper does; then the
   candidates are the ones retrieved when the scores were computed.
@@ -45,10 +47,10 @@ class LMFinetune(Stateless):
     trains: frozenset = field(default=frozenset({"generator"}), init=False)
 
     def __call__(self, system: RAGSystem, batch: Sequence[Example]) -> ObjectiveOutput:
-        questions, answers = [e.question for e in batch], [e.answers[0] for e in batch]
-        rows = system.search(questions, self.k)  # (B, k')
+        answers = [e.answers[0] for e in batch]
+        rows = system.search([e.question for e in batch], self.k)  # (B, k')
         mask = system.candidate_mask(rows)
-        token_logp, token_mask = system.target_logprobs(questions, rows, answers)  # (B, k', T)
+        token_logp, token_mask = system.target_logprobs(batch, rows, answers)  # (B, k', T)
         seq_logp = sequence_logp(token_logp, token_mask, self.reduce).masked_fill(~mask, 0.0)  # (B, k')
         loss = -seq_logp.sum(-1).mean()
         per_passage = (-seq_logp.sum() / mask.sum().clamp(min=1)).item()
@@ -65,13 +67,13 @@ def lsr_log_target(lm_logp: torch.Tensor, mask: torch.Tensor, lm_tau: float, for
 class LSR(Stateless):
     k: int = 10
     tau: float = 0.1
-    lm_tau: float = 0.01
+    lm_tau: float = 1.0
     form: str = "log"
     reduce: str = "sum"
     scores: str | None = None
     needs_posterior: bool = field(default=False, init=False)
     trains: frozenset = field(default=frozenset({"query"}), init=False)
-    table: dict = field(default_factory=dict, init=False)  # example id -> {question, answer, passages, logp}
+    table: dict = field(default_factory=dict, init=False)  # example id -> {question, answer, history, passages, logp}
 
     def search(self, system: RAGSystem, batch: Sequence[Example]) -> np.ndarray:
         """Top-k rows (B, k) for each example, its `exclude` passages left out; -1 padded."""
@@ -88,8 +90,7 @@ class LSR(Stateless):
     @torch.no_grad()
     def lm_logprobs(self, system: RAGSystem, batch: Sequence[Example], rows: np.ndarray) -> torch.Tensor:
         """log p_LM(y | z ∘ x) of the frozen LM (B, K); -inf at padding."""
-        questions, answers = [e.question for e in batch], [e.answers[0] for e in batch]
-        token_logp, token_mask = system.target_logprobs(questions, rows, answers)  # (B, K, T)
+        token_logp, token_mask = system.target_logprobs(batch, rows, [e.answers[0] for e in batch])  # (B, K, T)
         logp = sequence_logp(token_logp.float(), token_mask, self.reduce)
         return logp.masked_fill(~system.candidate_mask(rows), NEG_INF)
 
@@ -114,7 +115,8 @@ class LSR(Stateless):
                 for example, passages, values in zip(batch, system.passages(rows), logp):
                     kept = [(p.id, round(v, 5)) for p, v in zip(passages, values) if p is not None]  # as stored
                     self.table[example.id] = {"question": example.question, "answer": example.answers[0],
-                                              "passages": [i for i, _ in kept], "logp": [v for _, v in kept]}
+                                              "history": example.history, "passages": [i for i, _ in kept],
+                                              "logp": [v for _, v in kept]}
                 bar.update(len(batch))
         _write_scores(path, header, self.table)
 
@@ -122,7 +124,7 @@ class LSR(Stateless):
         """Re-score the file's first example: another LM or prompt template gives other numbers."""
         example_id, record = next(iter(self.table.items()))
         rows = np.array([[system.index.corpus.row_of(i) for i in record["passages"]]], dtype=np.int64)
-        example = Example(example_id, record["question"], (record["answer"],))
+        example = Example(example_id, record["question"], (record["answer"],), history=record["history"])
         fresh = self.lm_logprobs(system, [example], rows)[0].tolist()
         if any(abs(a - b) > 0.1 + 0.02 * abs(b) for a, b in zip(fresh, record["logp"])):
             raise UserError(
@@ -138,9 +140,9 @@ class LSR(Stateless):
         logp = torch.full((len(batch), self.k), NEG_INF)
         for i, example in enumerate(batch):
             record = self.table[example.id]
-            if (record["question"], record["answer"]) != (example.question, example.answers[0]):
-                raise UserError(f"{self.scores}: example {example.id} has another question or answer there than in "
-                                "this run's data; delete the file or set method.lm_scores to a new path")
+            if (record["question"], record["answer"], record["history"]) != (example.question, example.answers[0], example.history):
+                raise UserError(f"{self.scores}: example {example.id} has another question, answer or history there than "
+                                "in this run's data; delete the file or set method.lm_scores to a new path")
             for j, (passage_id, value) in enumerate(zip(record["passages"], record["logp"])):
                 row = corpus.row_of(passage_id)
                 if row is None:
@@ -164,9 +166,10 @@ class LSR(Stateless):
 
 
 def _read_scores(path: Path, header: dict) -> dict:
-    """{example id: {question, answer, passages, logp}} from a score file written by `_write_scores`.
+    """{example id: {question, answer, history, passages, logp}} from a score file written by `_write_scores`.
 
-    Line 1 is a header naming k, the reduction and the corpus fingerprint; then one example a line.
+    Line 1 is a header naming k, the reduction and the corpus fingerprint; then one example a line
+    (`history`, the dialog turns as [speaker, text] pairs, may be absent: no history).
     """
     table = {}
     with open(path) as f:
@@ -186,12 +189,13 @@ def _read_scores(path: Path, header: dict) -> dict:
             try:
                 example_id = str(record["id"])
                 entry = {"question": str(record["question"]), "answer": str(record["answer"]),
+                         "history": tuple((str(speaker), str(text)) for speaker, text in record.get("history", [])),
                          "passages": [str(i) for i in record["passages"]], "logp": [float(v) for v in record["logp"]]}
             except (KeyError, TypeError, ValueError):
                 entry = None
             if entry is None or len(entry["passages"]) != len(entry["logp"]) or len(entry["logp"]) > header["k"]:
-                raise UserError(f"{path}:{line_no}: expected fields 'id', 'question', 'answer', and 'passages' and "
-                                f"'logp' of the same length (at most k = {header['k']})")
+                raise UserError(f"{path}:{line_no}: expected fields 'id', 'question', 'answer', optionally 'history' "
+                                f"([speaker, text] pairs), and 'passages' and 'logp' of the same length (at most k = {header['k']})")
             table[example_id] = entry
     return table
 

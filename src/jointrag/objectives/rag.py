@@ -30,7 +30,7 @@ class _TopK(Stateless):
         rows = system.search(questions, self.k)  # (B, K)
         mask = system.candidate_mask(rows)
         doc_logp = log_softmax_masked(system.prior_scores(questions, rows), mask, self.tau)  # (B, K)
-        token_logp, token_mask = system.target_logprobs(questions, rows, answers)  # (B, K, T)
+        token_logp, token_mask = system.target_logprobs(batch, rows, answers)  # (B, K, T)
         return doc_logp, token_logp, token_mask
 
     @staticmethod

@@ -46,14 +46,14 @@ class VRAG(Stateless):
         log_q = log_softmax_masked(system.posterior_scores(questions, answers, rows), mask, self.tau)
         kl = kl_divergence(log_q, log_p)  # (B,)
         if self.estimator == "enumerate":
-            token_logp, token_mask = system.target_logprobs(questions, rows, answers)  # (B, P, T)
+            token_logp, token_mask = system.target_logprobs(batch, rows, answers)  # (B, P, T)
             seq_logp = sequence_logp(token_logp, token_mask, self.reduce).masked_fill(~mask, 0.0)
             expected = (log_q.exp() * seq_logp).sum(-1)  # (B,)
             surrogate = expected
         else:
             draws = torch.multinomial(log_q.detach().exp(), self.samples, replacement=True)  # (B, M)
             selected = torch.zeros_like(mask).scatter_(1, draws, True)
-            seq_logp = system.selected_logprobs(questions, rows, selected, answers, self.reduce)  # (B, P)
+            seq_logp = system.selected_logprobs(batch, rows, selected, answers, self.reduce)  # (B, P)
             drawn = seq_logp.gather(1, draws)  # (B, M)
             expected = drawn.mean(-1)
             m = self.samples
