@@ -18,7 +18,7 @@ import torch
 
 from cli_helpers import assert_user_error, run, write_jsonl
 from jointrag import metrics
-from jointrag.cli import EXIT_USER_ERROR, main
+from jointrag.cli import main
 from jointrag.corpus import read_passages
 from jointrag.data import load_examples, save_examples
 from jointrag.dialog import dialog_id, load_dialog, split_by_dialog
@@ -288,8 +288,7 @@ def test_lm_scores_of_dialog_examples_are_reused(capsys, dialog_files, dialog_in
     edited = [json.dumps({**r, "history": r["history"][1:]}) for r in records]  # another history, same query
     scores.write_text("\n".join([header, *edited]) + "\n")
     argv = dialog_argv(dialog_files, dialog_index, tiny_dir, tmp_path / "c", "ra-dit-lsr", f"method.lm_scores={scores}")
-    code, _, err = run(capsys, *argv)  # refused in the first step, after the progress bar started
-    assert code == EXIT_USER_ERROR and f"jointrag: error: {scores}: example" in err and "history" in err
+    assert_user_error(capsys, *argv, names=(str(scores), "example", "history"))  # refused in the first step
 
 
 # --- evaluation -------------------------------------------------------------------------------------

@@ -277,39 +277,40 @@ class Trainer:
             record("eval", self.evaluate())
         self.system.train()
         pending: dict[str, list[float]] = {}
+        # the bar is closed on errors too, so an error message never lands on the bar's line
         bar = tqdm(total=c.steps, initial=self.step, unit="step", desc=f"training {self.config.method.name}", dynamic_ncols=True)
-        while self.step < c.steps:
-            started = time.perf_counter()
-            for _ in range(c.grad_accum):
-                with autocast(self.system.generator.device, self.precision):
-                    output = self.objective(self.system, self.sampler.next(c.batch_size))
-                if not torch.isfinite(output.loss):
-                    raise RuntimeError(f"step {self.step + 1}: the loss is {output.loss.item()}; the last checkpoint is intact")
-                (output.loss / c.grad_accum).backward()
-                for key, value in output.metrics.items():
-                    pending.setdefault(key, []).append(value)
-            parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
-            norm = torch.nn.utils.clip_grad_norm_(parameters, c.max_grad_norm if c.max_grad_norm > 0 else float("inf"))
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.step += 1
-            pending.setdefault("grad_norm", []).append(norm.item())
-            pending.setdefault("sec_per_step", []).append(time.perf_counter() - started)
-            bar.update(1)
-            bar.set_postfix(loss=f"{np.mean(pending['loss']):.3f}")
-            if self.step % c.log_every == 0 or self.step == c.steps:
-                values = {key: float(np.mean(v)) for key, v in pending.items()}
-                values.update({f"lr_{g['name']}": g["lr"] for g in self.optimizer.param_groups})
-                record("train", values)
-                pending = {}
-            if refresh_due(self.refresh, self.step):
-                record("train", self.refresh_index())
-            if c.eval_every and self.step % c.eval_every == 0 and self.step < c.steps:
-                record("eval", self.evaluate())
-            if c.save_every and self.step % c.save_every == 0 and self.step < c.steps:
-                self.save()
-        bar.close()
+        with bar:
+            while self.step < c.steps:
+                started = time.perf_counter()
+                for _ in range(c.grad_accum):
+                    with autocast(self.system.generator.device, self.precision):
+                        output = self.objective(self.system, self.sampler.next(c.batch_size))
+                    if not torch.isfinite(output.loss):
+                        raise RuntimeError(f"step {self.step + 1}: the loss is {output.loss.item()}; the last checkpoint is intact")
+                    (output.loss / c.grad_accum).backward()
+                    for key, value in output.metrics.items():
+                        pending.setdefault(key, []).append(value)
+                parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
+                norm = torch.nn.utils.clip_grad_norm_(parameters, c.max_grad_norm if c.max_grad_norm > 0 else float("inf"))
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step += 1
+                pending.setdefault("grad_norm", []).append(norm.item())
+                pending.setdefault("sec_per_step", []).append(time.perf_counter() - started)
+                bar.update(1)
+                bar.set_postfix(loss=f"{np.mean(pending['loss']):.3f}")
+                if self.step % c.log_every == 0 or self.step == c.steps:
+                    values = {key: float(np.mean(v)) for key, v in pending.items()}
+                    values.update({f"lr_{g['name']}": g["lr"] for g in self.optimizer.param_groups})
+                    record("train", values)
+                    pending = {}
+                if refresh_due(self.refresh, self.step):
+                    record("train", self.refresh_index())
+                if c.eval_every and self.step % c.eval_every == 0 and self.step < c.steps:
+                    record("eval", self.evaluate())
+                if c.save_every and self.step % c.save_every == 0 and self.step < c.steps:
+                    self.save()
         if self.refresh and not refresh_due(self.refresh, self.step):
             record("train", self.refresh_index())  # the saved index matches the saved passage tower
         final = self.evaluate()
