@@ -279,14 +279,15 @@ def test_pipeline_trains_both_stages_and_writes_the_ablation(pipeline_run):
     assert r and all(k.startswith("retriever.query_encoder.") for k in r)
     combined = torch.load(out / "checkpoint" / "weights.pt", weights_only=True)
     assert combined.keys() == lm.keys() | r.keys()
-    rows = json.loads((out / "ablation.json").read_text())
+    table = out / "ablation" / "ensemble"
+    rows = json.loads((table / "table.json").read_text())
     assert list(rows) == ["base", "LM-ft only", "R-ft only", "LM-ft + R-ft"]
     assert all(rows[row]["examples"] == len(QA) and 0 <= rows[row]["em"] <= 100 for row in rows)
     retrieval = [key for key in rows["base"] if "recall" in key or key.startswith("mrr")]
     for key in retrieval:  # LM-ft leaves the retriever alone
         assert rows["LM-ft only"][key] == rows["base"][key] and rows["LM-ft + R-ft"][key] == rows["R-ft only"][key]
-    assert (out / "ablation.md").read_text().count("\n") == 6 and (out / "ablation.png").stat().st_size > 0
-    assert len((out / "ablation" / "LM-ft_R-ft.jsonl").read_text().splitlines()) == len(QA)
+    assert (table / "table.md").read_text().count("\n") == 6 and (table / "table.png").stat().st_size > 0
+    assert len((table / "LM-ft_R-ft.jsonl").read_text().splitlines()) == len(QA)
 
 
 def test_pipeline_checkpoint_answers_and_resume_skips_finished_stages(capsys, pipeline_run, files, tmp_path, monkeypatch):
@@ -300,7 +301,7 @@ def test_pipeline_checkpoint_answers_and_resume_skips_finished_stages(capsys, pi
         raise AssertionError("a finished stage was trained again")
 
     monkeypatch.setattr(loop.Trainer, "run", no_training)
-    config = json.loads((pipeline_run / "ablation.json").read_text())
+    config = json.loads((pipeline_run / "ablation" / "ensemble" / "table.json").read_text())
     from jointrag.config import load_config
     from jointrag.train import train
 

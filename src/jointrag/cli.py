@@ -16,6 +16,10 @@ from pathlib import Path
 from .errors import UserError
 
 EXIT_USER_ERROR = 2
+PIPELINE_OUTPUTS = {  # what the two-stage methods write, besides their stages' runs
+    "ra-dit": "checkpoint (LM-ft + R-ft), lm-ft/, r-ft/ and ablation/{decode}/",
+    "bgm": "sl/, ppo/ (ppo/checkpoint is the trained bridge), silver.jsonl and bgm/",
+}
 
 
 def default_home() -> Path:
@@ -112,31 +116,37 @@ def resolve_index(index: str | None, retriever_name: str | None = None, params: 
 
 def load_template(path: str | None) -> "PromptTemplate":  # noqa: F821
     """The prompt template from a YAML file (keys: the fields of `PromptTemplate`), or the default."""
+    from .generator import PLACEHOLDERS, PromptTemplate
+
+    return PromptTemplate() if path is None else load_fields(path, PromptTemplate, PLACEHOLDERS, required=("template",))
+
+
+def load_fields(path: str, cls, placeholders: dict, required: tuple[str, ...] = ()):
+    """A `cls` (a dataclass of templates and settings) from a YAML mapping of some of its fields: each
+    value must have its default's type, and each template field may use only its `placeholders`."""
     import dataclasses
 
     import yaml
 
-    from .generator import PLACEHOLDERS, PromptTemplate
-
-    if path is None:
-        return PromptTemplate()
     try:
         fields = yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError) as error:
-        raise UserError(f"cannot read prompt template {path}: {' '.join(str(error).split())}") from None
-    known = {f.name for f in dataclasses.fields(PromptTemplate)}
-    if not isinstance(fields, dict) or not fields.keys() <= known or "template" not in fields:
-        raise UserError(f"{path}: a prompt template is a mapping with 'template' and optionally {sorted(known - {'template'})}")
+        raise UserError(f"cannot read template file {path}: {' '.join(str(error).split())}") from None
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    if not isinstance(fields, dict) or not fields.keys() <= defaults.keys() or not set(required) <= fields.keys():
+        optional = sorted(defaults.keys() - set(required))
+        wanted = f"{', '.join(map(repr, required))} and optionally" if required else "some of"
+        raise UserError(f"{path}: expected a mapping with {wanted} {optional}")
     for name, value in fields.items():
-        if not isinstance(value, str):
-            raise UserError(f"{path}, field '{name}': expected a string, got {value!r}")
-    for name, samples in PLACEHOLDERS.items():
+        if type(value) is not type(defaults[name]):
+            raise UserError(f"{path}, field '{name}': expected {type(defaults[name]).__name__}, got {value!r}")
+    for name, samples in placeholders.items():
         try:
             fields.get(name, "").format(**samples)
         except (KeyError, IndexError, ValueError) as error:
             allowed = ", ".join(f"{{{key}}}" for key in samples)
             raise UserError(f"{path}, field '{name}': bad placeholder {error}; it may use {allowed}") from None
-    return PromptTemplate(**fields)
+    return cls(**fields)
 
 
 def print_table(metrics: dict) -> None:
@@ -170,38 +180,54 @@ def cmd_retrieve(args) -> None:
 
 
 def answering(args, with_generator: bool = True):
-    """(index, generator, template, decoder, tau) from --checkpoint, or from the separate options."""
+    """(index, generator, template, decoder, tau, bridged) from --checkpoint, or from the separate
+    options; `bridged` is the `BridgeSystem` of a BGM checkpoint (its answers go through the bridge),
+    else None."""
     from .generator import load_generator
 
     decoder, tau = args.decode or "top1", args.tau or 0.1
     if args.checkpoint:
+        from .bgm import BridgeSystem
         from .train import load_trained
 
         config, system = load_trained(args.checkpoint)
-        template = load_template(args.template) if args.template else system.template
+        system.template = load_template(args.template) if args.template else system.template
+        bridged = system if isinstance(system, BridgeSystem) else None
+        if bridged is not None and args.decode:
+            raise UserError(f"--decode: {args.checkpoint} is a BGM checkpoint; its bridge chooses the passages")
         generator = system.generator if with_generator else None
-        return system.index, generator, template, args.decode or config.eval.decode, args.tau or config.method.tau
+        decoder = "bridge" if bridged is not None else args.decode or config.eval.decode
+        return system.index, generator, system.template, decoder, args.tau or config.method.tau, bridged
     generator = load_generator(args.generator, chat=args.chat, precision=args.precision) if with_generator else None
-    return open_index(args), generator, load_template(args.template), decoder, tau
+    return open_index(args), generator, load_template(args.template), decoder, tau, None
 
 
 def cmd_ask(args) -> None:
+    from .bgm import bridge_answers
     from .evaluate import decode, retrieve
     from .types import Example
 
-    index, generator, template, decoder, tau = answering(args)
+    index, generator, template, decoder, tau, bridged = answering(args)
     result = retrieve(index, [args.question], args.k)[0]
     example = Example("ask", args.question, ())
-    prediction = decode(generator, template, [example], [result], method=decoder, contexts=args.contexts, tau=tau,
-                        max_new_tokens=args.max_new_tokens, num_beams=args.beams)[0]
-    used = args.contexts if decoder == "top1" else args.k
-    passages = [{"rank": i + 1, "score": round(s, 4), "id": p.id, "title": p.title, "text": p.text, "used": i < used} for i, (p, s) in enumerate(zip(result.passages, result.scores))]
+    if bridged is not None:  # the LLM answers from the passages the bridge chose, in its order
+        (prediction,), (chosen,) = bridge_answers(bridged, [example], k=args.k, num_beams=args.beams,
+                                                  max_new_tokens=args.max_new_tokens)
+        used = [p.id for p in chosen]
+    else:
+        prediction = decode(generator, template, [example], [result], method=decoder, contexts=args.contexts, tau=tau,
+                            max_new_tokens=args.max_new_tokens, num_beams=args.beams)[0]
+        used = [p.id for p in result.passages[: args.contexts if decoder == "top1" else args.k]]
+    passages = [{"rank": i + 1, "score": round(s, 4), "id": p.id, "title": p.title, "text": p.text, "used": p.id in used} for i, (p, s) in enumerate(zip(result.passages, result.scores))]
     if args.json:
-        print(json.dumps({"question": args.question, "answer": prediction, "passages": passages}, ensure_ascii=False))
+        chosen = {"chosen": used} if bridged is not None else {}
+        print(json.dumps({"question": args.question, "answer": prediction, "passages": passages, **chosen}, ensure_ascii=False))
         return
     print(f"Answer: {prediction}\n\nPassages:")
     for p in passages:
         print(f"  {p['rank']:>3}. [{p['score']:.4f}]{' *' if p['used'] else '  '} {p['id']}  {p['text'][:100]}")
+    if bridged is not None:
+        print(f"\nThe bridge chose {' '.join(used) or 'no passage'}: the generator read them in that order")
     print("\n(* = given to the generator)")
 
 
@@ -215,11 +241,18 @@ def cmd_eval(args) -> None:
     examples = load_examples(args.data, args.data_format) if args.data else embedded_examples(args.split)
     if args.limit:
         examples = examples[: args.limit]
-    index, generator, template, decoder, tau = answering(args, with_generator=not args.retrieval_only)
-    predictions, metrics = evaluate(
-        index, generator, examples, k=args.k, contexts=args.contexts, template=template, batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens, num_beams=args.beams, decoder=decoder, tau=tau,
-    )
+    index, generator, template, decoder, tau, bridged = answering(args, with_generator=not args.retrieval_only)
+    if bridged is not None and generator is not None:
+        from .bgm import bridge_answers, score_bridged
+
+        result = bridge_answers(bridged, examples, k=args.k, num_beams=args.beams, max_new_tokens=args.max_new_tokens,
+                                batch_size=args.batch_size)
+        predictions, metrics = score_bridged(examples, result)
+    else:
+        predictions, metrics = evaluate(
+            index, generator, examples, k=args.k, contexts=args.contexts, template=template, batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens, num_beams=args.beams, decoder=decoder, tau=tau,
+        )
     out.mkdir(parents=True, exist_ok=True)
     write_jsonl(out / "predictions.jsonl", predictions)
     metrics = {"data": args.data or f"embedded:{args.split}", "index": str(index.directory), "checkpoint": args.checkpoint, "decode": decoder, **metrics}
@@ -283,11 +316,11 @@ def cmd_train(args) -> None:
     metrics = train(config, resume=args.resume)
     if args.json:
         print(json.dumps(metrics))
-    elif config.method.name == "ra-dit":
-        from .train.radit import format_ablation
+    elif config.method.name in PIPELINE_OUTPUTS:
+        from .train.pipeline import format_table
 
-        print(format_ablation(metrics))
-        print(f"\nwrote {config.out}/checkpoint (LM-ft + R-ft), lm-ft/, r-ft/ and ablation.{{json,md,png}}")
+        print(format_table(metrics))
+        print(f"\nwrote {config.out}/: " + PIPELINE_OUTPUTS[config.method.name].format(decode=config.eval.decode))
     else:
         print_table(metrics)
         print(f"\nwrote {config.out}/checkpoint, metrics.jsonl, tensorboard/ and plots/")
@@ -322,12 +355,15 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--template", help="YAML file with the prompt: template, passage_template, separator (default: a two-shot QA prompt)")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the generator's chat template")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="generation precision; auto = bf16 where the hardware runs it fast")
-    parser.add_argument("--checkpoint", help="a trained model, RUN_DIR/checkpoint: its index, retriever, generator and prompt")
+    parser.add_argument("--checkpoint", help="a trained model, RUN_DIR/checkpoint: its index, retriever, generator and prompt; "
+                                             "a BGM checkpoint (RUN_DIR/ppo/checkpoint) answers through its bridge (--beams: the bridge's)")
     parser.add_argument("--decode", choices=["top1", "rag-sequence-fast", "rag-sequence-thorough", "rag-token", "ensemble"], help="top1: the top --contexts passages in one prompt (default); the RAG decoders and RA-DIT's ensemble mix one prompt per passage (a checkpoint's default: its eval.decode)")
     parser.add_argument("--tau", type=float, help="retrieval temperature of the RAG decoders (default 0.1, or the checkpoint's)")
 
 
 def make_parser() -> argparse.ArgumentParser:
+    from .config import CHOICES
+
     parser = argparse.ArgumentParser(prog="jointrag", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -366,9 +402,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/eval", help="output directory (default runs/eval)")
     p.set_defaults(run=cmd_eval)
 
-    p = commands.add_parser("train", help="train a RAG model: rag-sequence, rag-token, vrag, jsa or ra-dit")
+    p = commands.add_parser("train", help="train a RAG model: rag-sequence, rag-token, vrag, jsa, ra-dit or bgm")
     p.add_argument("--config", help="YAML recipe (see configs/); settings not given keep their defaults")
-    p.add_argument("--method", choices=["rag-sequence", "rag-token", "vrag", "jsa", "ra-dit", "ra-dit-lm", "ra-dit-lsr"], help="shorthand for --set method.name=...")
+    p.add_argument("--method", choices=CHOICES["method.name"], help="shorthand for --set method.name=...")
     p.add_argument("--data", help="training QA file (shorthand for --set data.train=...; default: the embedded train split)")
     p.add_argument("--index", help="index directory (shorthand for --set model.index=...)")
     p.add_argument("--out", help="run directory (shorthand for --set out=...)")

@@ -43,8 +43,10 @@ class ModelConfig:
 @dataclass
 class MethodConfig:
     name: str = _field("jsa", "rag-sequence, rag-token, vrag, jsa, or ra-dit (both RA-DIT stages and their ablation), "
-                              "ra-dit-lm (its LM-ft stage), ra-dit-lsr (its R-ft stage)")
-    k: int = _field(5, "candidates retrieved per example (prior top-K; VRAG/JSA also take the posterior's top-K; RA-DIT R-ft: paper 10)")
+                              "ra-dit-lm (its LM-ft stage), ra-dit-lsr (its R-ft stage), or bgm (both BGM stages and the "
+                              "comparison with plain retrieval), bgm-sl (its supervised stage), bgm-ppo (its PPO stage)")
+    k: int = _field(5, "candidates retrieved per example (prior top-K; VRAG/JSA also take the posterior's top-K; RA-DIT R-ft: paper 10; "
+                       "BGM: the passages the bridge chooses from in training)")
     tau: float = _field(0.1, "retrieval temperature: p(z|x) = softmax(s(x,z)/tau) (JSA-RAG reference: 0.1, normalised embeddings; RA-DIT's gamma)")
     reduce: str = _field("sum", "log p(y|x,z) as the 'sum' of token log-probs or their 'mean' (JSA-RAG reference code)")
     beta: float = _field(1.0, "VRAG: weight of KL(q || p)")
@@ -70,6 +72,7 @@ class TrainConfig:
     grad_accum: int = _field(1, "micro-batches per optimiser step")
     lr_generator: float = _field(2e-5, "generator learning rate (JSA-RAG paper: 2e-5)")
     lr_retriever: float = _field(1e-5, "query-tower (and passage-tower) learning rate (JSA-RAG paper: 1e-5)")
+    lr_bridge: float = _field(5e-5, "BGM bridge learning rate, in both stages")
     weight_decay: float = _field(0.0, "AdamW weight decay")
     warmup_steps: int = _field(0, "linear warm-up steps")
     schedule: str = _field("linear", "learning-rate schedule after warm-up: linear, cosine or constant")
@@ -102,6 +105,38 @@ class EvalConfig:
 
 
 @dataclass
+class BgmConfig:
+    """BGM (methods.md §5): the bridge model, its silver sequences (stage 1) and PPO (stage 2)."""
+
+    bridge: str | None = _field(None, "bridge model: hub id, directory or .gguf file, causal or seq2seq "
+                                      "(default: SmolLM2-135M-Instruct, the default generator; paper: T5-XXL)")
+    bridge_template: str | None = _field(None, "YAML file of the bridge's input and output: template ({question}, {passages}), "
+                                               "passage_template ({index}, {title}, {text}), separator, passage_words, "
+                                               "output_separator, empty (default: '{question} [1] title: text [2] ...' -> '2 1' or 'none')")
+    max_passages: int = _field(10, "ids of a bridge output passed to the LLM at most; the rest are dropped")
+    max_new_tokens: int = _field(24, "bridge output length limit in tokens")
+    lora: bool = _field(False, "train a LoRA adapter on the bridge instead of all its weights")
+    lora_r: int = _field(8, "bridge LoRA rank")
+    lora_alpha: int = _field(16, "bridge LoRA scaling numerator")
+    lora_targets: str = _field("all-linear", "bridge peft target_modules: 'all-linear' or comma-separated module names")
+    silver: str | None = _field(None, "file of silver passage sequences, computed once for the examples a run visits and reused "
+                                      "by later runs (unset: kept in memory; the bgm pipeline: RUN/silver.jsonl)")
+    metrics: str = _field("em,f1", "comma-separated scores of the LLM's answer (em, f1, rouge_l, bleu1, bleu4): silver search "
+                                   "compares them in order, the PPO reward is their mean")
+    tie_break: bool = _field(True, "silver search: ties go to the higher log-likelihood of the reference answer")
+    max_len: int = _field(5, "silver search: passages in a silver sequence at most")
+    repeat: bool = _field(False, "silver search: a passage may appear more than once")
+    answer_tokens: int = _field(16, "LLM answer length limit when judging silver sequences and PPO rewards")
+    samples: int = _field(4, "PPO: id sequences sampled per example (G >= 2: each one's baseline is the mean reward of the others)")
+    clip: float = _field(0.2, "PPO: clipping range of the probability ratio (Schulman et al. 2017: 0.2)")
+    beta: float = _field(0.05, "PPO: weight of KL(policy || stage-1 policy)")
+    epochs: int = _field(2, "PPO: updates per rollout (a rollout is reused in this many consecutive steps)")
+    temperature: float = _field(1.0, "PPO: sampling temperature")
+    reference: str | None = _field(None, "PPO: a stage-1 checkpoint; the bridge starts from it and the KL term holds it fixed "
+                                         "(unset: the base bridge; the bgm pipeline sets RUN/sl/checkpoint)")
+
+
+@dataclass
 class RunConfig:
     out: str = _field("runs/train", "run directory: checkpoints, metrics.jsonl, TensorBoard logs, plots")
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -109,10 +144,11 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    bgm: BgmConfig = field(default_factory=BgmConfig)
 
 
 CHOICES = {
-    "method.name": ("rag-sequence", "rag-token", "vrag", "jsa", "ra-dit", "ra-dit-lm", "ra-dit-lsr"),
+    "method.name": ("rag-sequence", "rag-token", "vrag", "jsa", "ra-dit", "ra-dit-lm", "ra-dit-lsr", "bgm", "bgm-sl", "bgm-ppo"),
     "method.lsr_form": ("log", "prob"),
     "method.reduce": ("sum", "mean"),
     "method.estimator": ("enumerate", "sample"),
@@ -125,8 +161,12 @@ CHOICES = {
 }
 POSITIVE = {"method.k", "method.tau", "method.proposals", "train.steps", "train.batch_size", "train.grad_accum",
             "train.log_every", "eval.k", "eval.max_new_tokens", "eval.num_beams", "eval.batch_size",
-            "model.max_prompt_tokens", "model.lora_r", "method.lm_k", "method.lm_tau", "method.corpus_words"}
+            "model.max_prompt_tokens", "model.lora_r", "method.lm_k", "method.lm_tau", "method.corpus_words",
+            "bgm.max_passages", "bgm.max_new_tokens", "bgm.lora_r", "bgm.max_len", "bgm.answer_tokens", "bgm.clip",
+            "bgm.epochs", "bgm.temperature"}
+AT_LEAST = {"bgm.samples": 2, "bgm.beta": 0}
 FRACTION = {"method.corpus_ratio"}  # in [0, 1)
+LISTS = {"bgm.metrics": ("em", "f1", "rouge_l", "bleu1", "bleu4")}  # comma-separated, at least one
 
 
 def _coerce(value, kind, where: str):
@@ -168,9 +208,18 @@ def _set(config, dotted: str, value, where: str) -> None:
         raise UserError(f"{where}: '{dotted}' must be one of {', '.join(c for c in CHOICES[dotted] if c)}, not {value!r}")
     if dotted in POSITIVE and value <= 0:
         raise UserError(f"{where}: '{dotted}' must be positive, not {value!r}")
+    if dotted in AT_LEAST and value < AT_LEAST[dotted]:
+        raise UserError(f"{where}: '{dotted}' must be at least {AT_LEAST[dotted]}, not {value!r}")
     if dotted in FRACTION and not 0 <= value < 1:
         raise UserError(f"{where}: '{dotted}' must be at least 0 and below 1, not {value!r}")
+    if dotted in LISTS and not (value and set(names(value)) <= set(LISTS[dotted])):
+        raise UserError(f"{where}: '{dotted}' must list some of {', '.join(LISTS[dotted])} (comma-separated), not {value!r}")
     setattr(target, leaf, value)
+
+
+def names(value: str) -> list[str]:
+    """The items of a comma-separated setting, e.g. bgm.metrics 'em,f1' -> ['em', 'f1']."""
+    return [item.strip() for item in value.split(",") if item.strip()]
 
 
 def _leaves(node, prefix: str = ""):

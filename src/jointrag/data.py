@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import gzip
 import json
-from collections.abc import Iterable
+import os
+from collections.abc import Iterable, Iterator
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,38 @@ def write_jsonl(path: str | Path, records: Iterable[dict]) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for record in records:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def read_cache(path: Path, header: dict, remedy: str) -> Iterator[tuple[int, dict]]:
+    """(line number, record) of each record of a cache file written by `write_cache`, once its first
+    line is checked against `header`: a file made with other settings is refused, suggesting `remedy`."""
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise UserError(f"{path}:{line_no}: not valid JSON ({error.msg})") from None
+            if not isinstance(record, dict):
+                raise UserError(f"{path}:{line_no}: expected a JSON object")
+            if line_no > 1:
+                yield line_no, record
+                continue
+            for key, value in header.items():
+                if record.get(key) != value:
+                    raise UserError(f"{path}:1: field '{key}' is {record.get(key)!r}, this run needs {value!r}; "
+                                    f"delete the file or {remedy}")
+
+
+def write_cache(path: Path, header: dict, records: dict[str, dict]) -> None:
+    """`header` on the first line, then `{"id": key, **record}` a line, written atomically (a temporary
+    file renamed over the old one), so a failed run leaves the previous file intact."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(json.dumps(header) + "\n")
+        for key, record in records.items():
+            f.write(json.dumps({"id": key, **record}, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
 
 
 def _example_record(example: Example) -> dict:

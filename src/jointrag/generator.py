@@ -266,6 +266,14 @@ class Generator(nn.Module):
         return texts, token_logp.masked_fill(past_end, 0.0).sum(1)
 
 
+def with_lora(model: nn.Module, *, r: int, alpha: int, targets: str, dropout: float = 0.0) -> nn.Module:
+    """`model` under a fresh LoRA adapter (peft); `targets` is 'all-linear' or comma-separated module names."""
+    from peft import LoraConfig, get_peft_model
+
+    modules = targets if targets == "all-linear" else [t.strip() for t in targets.split(",")]
+    return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=modules))
+
+
 def load_generator(name_or_path: str | None = None, *, chat: bool = False, precision: str = "auto") -> Generator:
     """Load a causal or seq2seq LM from a hub id, a local directory, or a GGUF file.
 

@@ -1,8 +1,9 @@
 """Training objectives: one method per file, looked up once by name in `OBJECTIVES`.
 
 An objective is a small callable `objective(system, batch) -> ObjectiveOutput` that owns no model.
-It declares what it needs (`needs_posterior`) and which parts it trains (`trains`, a subset of
-{"query", "posterior", "generator"}; the passage tower is a run option, not a method's choice).
+It declares what it needs (`needs_posterior`; BGM's `needs_reference`) and which parts it trains
+(`trains`, a subset of {"query", "posterior", "generator"}, or {"bridge"} for BGM, whose system is a
+`bgm.BridgeSystem`; the passage tower is a run option, not a method's choice).
 `prepare` runs once before training on the examples the run will visit (RA-DIT's R-ft computes the
 frozen LM's scores there).
 """
@@ -13,6 +14,7 @@ from typing import Protocol, Sequence
 
 from ..system import RAGSystem
 from ..types import Example, ObjectiveOutput
+from .bgm import BGMPPO, BGMSupervised
 from .jsa import JSA
 from .rag import RagSequence, RagToken
 from .radit import LSR, LMFinetune
@@ -33,12 +35,14 @@ class Objective(Protocol):
 
 
 OBJECTIVES = {"rag-sequence": RagSequence, "rag-token": RagToken, "vrag": VRAG, "jsa": JSA,
-              "ra-dit-lm": LMFinetune, "ra-dit-lsr": LSR}
+              "ra-dit-lm": LMFinetune, "ra-dit-lsr": LSR, "bgm-sl": BGMSupervised, "bgm-ppo": BGMPPO}
 
 
 def build_objective(name: str, *, k: int, tau: float, reduce: str, beta: float, estimator: str, candidates: str,
                     proposals: int, cache: bool, states: str, lm_k: int, lm_tau: float, lsr_form: str,
-                    lm_scores: str | None) -> Objective:
+                    lm_scores: str | None, silver: str | None, metrics: tuple[str, ...], tie_break: bool, max_len: int,
+                    repeat: bool, answer_tokens: int, samples: int, clip: float, kl_beta: float, epochs: int,
+                    temperature: float) -> Objective:
     """The objective called `name`, given only the options it reads."""
     if name in ("rag-sequence", "rag-token"):
         return OBJECTIVES[name](k=k, tau=tau, reduce=reduce)
@@ -50,4 +54,10 @@ def build_objective(name: str, *, k: int, tau: float, reduce: str, beta: float, 
         return LSR(k=k, tau=tau, lm_tau=lm_tau, form=lsr_form, reduce=reduce, scores=lm_scores)
     if name == "jsa":
         return JSA(k=k, tau=tau, reduce=reduce, proposals=proposals, cache=cache, states=states)
+    if name == "bgm-sl":
+        return BGMSupervised(k=k, silver=silver, metrics=metrics, tie_break=tie_break, max_len=max_len, repeat=repeat,
+                             max_new_tokens=answer_tokens)
+    if name == "bgm-ppo":
+        return BGMPPO(k=k, samples=samples, clip=clip, beta=kl_beta, epochs=epochs, temperature=temperature,
+                      metrics=metrics, max_new_tokens=answer_tokens)
     raise ValueError(f"no objective called {name!r}")

@@ -22,8 +22,6 @@ Shapes: B examples, K candidates, T target tokens.
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -32,6 +30,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..data import read_cache, write_cache
 from ..errors import UserError
 from ..system import RAGSystem
 from ..types import Example, ObjectiveOutput
@@ -118,7 +117,7 @@ class LSR(Stateless):
                                               "history": example.history, "passages": [i for i, _ in kept],
                                               "logp": [v for _, v in kept]}
                 bar.update(len(batch))
-        _write_scores(path, header, self.table)
+        write_cache(path, header, self.table)
 
     def _check_same_lm(self, system: RAGSystem, path: Path) -> None:
         """Re-score the file's first example: another LM or prompt template gives other numbers."""
@@ -166,46 +165,22 @@ class LSR(Stateless):
 
 
 def _read_scores(path: Path, header: dict) -> dict:
-    """{example id: {question, answer, history, passages, logp}} from a score file written by `_write_scores`.
+    """{example id: {question, answer, history, passages, logp}} from a score file written by `write_cache`.
 
     Line 1 is a header naming k, the reduction and the corpus fingerprint; then one example a line
     (`history`, the dialog turns as [speaker, text] pairs, may be absent: no history).
     """
     table = {}
-    with open(path) as f:
-        for line_no, line in enumerate(f, 1):
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise UserError(f"{path}:{line_no}: not valid JSON ({error.msg})") from None
-            if not isinstance(record, dict):
-                raise UserError(f"{path}:{line_no}: expected a JSON object")
-            if line_no == 1:
-                for key, value in header.items():
-                    if record.get(key) != value:
-                        raise UserError(f"{path}:1: field '{key}' is {record.get(key)!r}, this run needs {value!r}; "
-                                        "delete the file or set method.lm_scores to a new path")
-                continue
-            try:
-                example_id = str(record["id"])
-                entry = {"question": str(record["question"]), "answer": str(record["answer"]),
-                         "history": tuple((str(speaker), str(text)) for speaker, text in record.get("history", [])),
-                         "passages": [str(i) for i in record["passages"]], "logp": [float(v) for v in record["logp"]]}
-            except (KeyError, TypeError, ValueError):
-                entry = None
-            if entry is None or len(entry["passages"]) != len(entry["logp"]) or len(entry["logp"]) > header["k"]:
-                raise UserError(f"{path}:{line_no}: expected fields 'id', 'question', 'answer', optionally 'history' "
-                                f"([speaker, text] pairs), and 'passages' and 'logp' of the same length (at most k = {header['k']})")
-            table[example_id] = entry
+    for line_no, record in read_cache(path, header, "set method.lm_scores to a new path"):
+        try:
+            example_id = str(record["id"])
+            entry = {"question": str(record["question"]), "answer": str(record["answer"]),
+                     "history": tuple((str(speaker), str(text)) for speaker, text in record.get("history", [])),
+                     "passages": [str(i) for i in record["passages"]], "logp": [float(v) for v in record["logp"]]}
+        except (KeyError, TypeError, ValueError):
+            entry = None
+        if entry is None or len(entry["passages"]) != len(entry["logp"]) or len(entry["logp"]) > header["k"]:
+            raise UserError(f"{path}:{line_no}: expected fields 'id', 'question', 'answer', optionally 'history' "
+                            f"([speaker, text] pairs), and 'passages' and 'logp' of the same length (at most k = {header['k']})")
+        table[example_id] = entry
     return table
-
-
-def _write_scores(path: Path, header: dict, table: dict) -> None:
-    """Write atomically: a failed run leaves the previous file intact."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(header) + "\n")
-        for example_id, record in table.items():
-            f.write(json.dumps({"id": example_id, **record}, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)

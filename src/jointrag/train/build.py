@@ -5,45 +5,61 @@ This is the one place where configuration becomes plain constructor arguments.
 
 from __future__ import annotations
 
-from ..config import MethodConfig, RunConfig
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..bgm import BRIDGE_PLACEHOLDERS, BridgeSystem, BridgeTemplate, load_bridge
+from ..config import BgmConfig, MethodConfig, RunConfig, names
 from ..data import corpus_examples, embedded_examples, load_examples
 from ..errors import UserError
+from ..generator import Generator, load_generator, with_lora
 from ..objectives import Objective, build_objective
 from ..system import RAGSystem
 from ..types import Example
 
 
 def objective_from(config: RunConfig) -> Objective:
-    return objective_for(config.method)
+    return objective_for(config.method, config.bgm)
 
 
-def objective_for(m: MethodConfig) -> Objective:
+def objective_for(m: MethodConfig, b: BgmConfig | None = None) -> Objective:
+    b = b or BgmConfig()
     return build_objective(
         m.name, k=m.k, tau=m.tau, reduce=m.reduce, beta=m.beta, estimator=m.estimator,
         candidates=m.candidates, proposals=m.proposals, cache=m.cache, states=m.states, lm_k=m.lm_k,
-        lm_tau=m.lm_tau, lsr_form=m.lsr_form, lm_scores=m.lm_scores,
+        lm_tau=m.lm_tau, lsr_form=m.lsr_form, lm_scores=m.lm_scores, silver=b.silver, metrics=tuple(names(b.metrics)),
+        tie_break=b.tie_break, max_len=b.max_len, repeat=b.repeat, answer_tokens=b.answer_tokens, samples=b.samples,
+        clip=b.clip, kl_beta=b.beta, epochs=b.epochs, temperature=b.temperature,
     )
+
+
+def system_for(config: RunConfig, objective: Objective) -> nn.Module:
+    """The system `objective` trains: a `BridgeSystem` for BGM, else a `RAGSystem`."""
+    if "bridge" in objective.trains:
+        return bridge_system_from(config, reference=objective.needs_reference)
+    return system_from(config, objective.needs_posterior)
+
+
+def generator_from(config: RunConfig) -> Generator:
+    generator = load_generator(config.model.generator, chat=config.model.chat, precision=config.train.precision)
+    generator.max_prompt_tokens = config.model.max_prompt_tokens
+    return generator
 
 
 def system_from(config: RunConfig, needs_posterior: bool) -> RAGSystem:
     """Load the index (with its retriever), the generator and, if needed, the posterior tower."""
     from ..cli import load_template, resolve_index
-    from ..generator import load_generator
 
     model = config.model
     index = resolve_index(model.index, model.retriever)
     if index.retriever is None:
         raise UserError(f"{index.directory}: training needs a dense index, not '{index.kind}'")
-    generator = load_generator(model.generator, chat=model.chat, precision=config.train.precision)
-    generator.max_prompt_tokens = model.max_prompt_tokens
+    generator = generator_from(config)
     if model.lora:
-        from peft import LoraConfig, get_peft_model
-
-        targets = model.lora_targets if model.lora_targets == "all-linear" else [t.strip() for t in model.lora_targets.split(",")]
-        generator.model = get_peft_model(
-            generator.model,
-            LoraConfig(r=model.lora_r, lora_alpha=model.lora_alpha, lora_dropout=model.lora_dropout, target_modules=targets),
-        )
+        generator.model = with_lora(generator.model, r=model.lora_r, alpha=model.lora_alpha, targets=model.lora_targets,
+                                    dropout=model.lora_dropout)
     system = RAGSystem(
         index.retriever, generator, index, load_template(model.template),
         posterior_template=model.posterior_template, train_passage_tower=model.train_passage_tower,
@@ -53,8 +69,42 @@ def system_from(config: RunConfig, needs_posterior: bool) -> RAGSystem:
     return system
 
 
-def set_trainable(system: RAGSystem, trains: frozenset, *, passage_tower: bool, lora: bool) -> None:
-    """Freeze everything, then unfreeze what the method trains (LoRA: the adapter only)."""
+def bridge_system_from(config: RunConfig, reference: bool) -> BridgeSystem:
+    """BGM: the index and the LLM, both frozen, and the bridge. With `reference` (PPO), the bridge
+    starts from the stage-1 checkpoint `bgm.reference` (unset: the base bridge) and a frozen copy of
+    it becomes the reference policy of the KL term, so a resumed run has the same reference."""
+    from ..cli import load_fields, load_template, resolve_index
+
+    model, b = config.model, config.bgm
+    if model.train_passage_tower or model.lora:
+        raise UserError("bgm: the retriever and the LLM stay frozen (methods.md §5); set model.train_passage_tower=false "
+                        "and model.lora=false (bgm.lora puts the LoRA adapter on the bridge)")
+    template = load_fields(b.bridge_template, BridgeTemplate, BRIDGE_PLACEHOLDERS) if b.bridge_template else BridgeTemplate()
+    bridge = load_bridge(b.bridge, template=template, lora=b.lora, lora_r=b.lora_r, lora_alpha=b.lora_alpha,
+                         lora_targets=b.lora_targets, precision=config.train.precision, max_new_tokens=b.max_new_tokens,
+                         max_passages=b.max_passages)
+    system = BridgeSystem(bridge, generator_from(config), resolve_index(model.index, model.retriever),
+                          load_template(model.template))
+    if reference:
+        if b.reference:
+            directory = Path(b.reference)
+            weights = torch.load(directory / "weights.pt", weights_only=True) if (directory / "weights.pt").is_file() else {}
+            if not weights or not all(name.startswith("bridge.") for name in weights):
+                raise UserError(f"bgm.reference: {directory} is not a BGM checkpoint (RUN/sl/checkpoint)")
+            load_weights(system, weights, directory)
+        system.freeze_reference()
+    return system
+
+
+def load_weights(system: nn.Module, weights: dict, where: Path) -> None:
+    missing = set(weights) - {name for name, _ in system.named_parameters()}
+    if missing:
+        raise UserError(f"{where}: weights for parameters this model does not have: {sorted(missing)[:3]}")
+    system.load_state_dict(weights, strict=False)
+
+
+def set_trainable(system: nn.Module, trains: frozenset, *, passage_tower: bool) -> None:
+    """Freeze everything, then unfreeze what the method trains (a part under a LoRA adapter: the adapter only)."""
     system.requires_grad_(False)
     if "query" in trains:
         system.retriever.query_encoder.requires_grad_(True)
@@ -62,9 +112,12 @@ def set_trainable(system: RAGSystem, trains: frozenset, *, passage_tower: bool, 
         system.posterior.requires_grad_(True)
     if passage_tower:
         system.retriever.passage_encoder.requires_grad_(True)
-    if "generator" in trains:
-        for name, parameter in system.generator.named_parameters():
-            parameter.requires_grad_(not lora or "lora_" in name)
+    for part in ("generator", "bridge"):
+        if part in trains:
+            module = getattr(system, part)
+            lora = any("lora_" in name for name, _ in module.named_parameters())
+            for name, parameter in module.named_parameters():
+                parameter.requires_grad_(not lora or "lora_" in name)
 
 
 def examples_from(config: RunConfig, corpus=None) -> tuple[list[Example], list[Example]]:

@@ -1,7 +1,7 @@
 """The one training loop every method runs.
 
-Gradient accumulation, mixed precision, clipping, separate learning rates for retriever and
-generator, the schedule, evaluation, checkpoint/resume and index refresh are written once here; a
+Gradient accumulation, mixed precision, clipping, separate learning rates for retriever, generator
+and BGM's bridge, the schedule, evaluation, checkpoint/resume and index refresh are written once here; a
 method is only its objective (`objectives/`). A checkpoint holds the trained weights, the optimiser,
 the scheduler, every RNG state, the data position, the objective's state (JSA's chain cache) and the
 index in use, so a resumed run continues the same trajectory. It is written to a temporary
@@ -22,12 +22,13 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import metrics as qa_metrics
+from ..bgm import BridgeSystem, bridge_answers, score_bridged
 from ..config import RunConfig, save_config
 from ..errors import UserError
 from ..evaluate import evaluate
 from ..runtime import autocast, resolve_precision
 from ..types import Example
-from .build import examples_from, objective_from, set_trainable, system_from
+from .build import bridge_system_from, examples_from, load_weights, objective_from, set_trainable, system_for, system_from
 
 CHECKPOINT = "checkpoint"
 
@@ -111,16 +112,14 @@ def trained_weights(system) -> dict:
     return {name: p.detach().cpu() for name, p in system.named_parameters() if p.requires_grad}
 
 
-def load_weights(system, weights: dict, where: Path) -> None:
-    missing = set(weights) - {name for name, _ in system.named_parameters()}
-    if missing:
-        raise UserError(f"{where}: weights for parameters this model does not have: {sorted(missing)[:3]}")
-    system.load_state_dict(weights, strict=False)
-
-
 def evaluate_system(system, config: RunConfig, examples: list[Example]) -> tuple[list[dict], dict]:
-    """Predictions and metrics of `system` on `examples` with the run's evaluation settings."""
+    """Predictions and metrics of `system` on `examples` with the run's evaluation settings; a BGM
+    system answers through its bridge (`eval.num_beams`: the bridge's beams) from the top `eval.k`."""
     c = config.eval
+    if isinstance(system, BridgeSystem):
+        result = bridge_answers(system, examples, k=c.k, num_beams=c.num_beams, max_new_tokens=c.max_new_tokens,
+                                batch_size=c.batch_size)
+        return score_bridged(examples, result)
     return evaluate(
         system.index, system.generator, examples, k=c.k, template=system.template, batch_size=c.batch_size,
         max_new_tokens=c.max_new_tokens, num_beams=c.num_beams, decoder=c.decode, tau=config.method.tau,
@@ -135,17 +134,18 @@ class Trainer:
         random.seed(config.train.seed)
         np.random.seed(config.train.seed)
         self.objective = objective_from(config)
-        self.system = system_from(config, self.objective.needs_posterior)
-        set_trainable(self.system, self.objective.trains, passage_tower=config.model.train_passage_tower, lora=config.model.lora)
+        self.system = system_for(config, self.objective)
+        set_trainable(self.system, self.objective.trains, passage_tower=config.model.train_passage_tower)
         self.train_examples, self.dev_examples = examples_from(config, self.system.index.corpus)
         self.sampler = Sampler(self.train_examples, config.train.seed)
         self.precision = resolve_precision(config.train.precision, self.system.generator.device)
-        generator_ids = {id(p) for p in self.system.generator.parameters()}
-        trainable = [p for p in self.system.parameters() if p.requires_grad]
-        groups = [
-            {"params": [p for p in trainable if id(p) in generator_ids], "lr": config.train.lr_generator, "name": "generator"},
-            {"params": [p for p in trainable if id(p) not in generator_ids], "lr": config.train.lr_retriever, "name": "retriever"},
-        ]
+        rates = {"generator": config.train.lr_generator, "retriever": config.train.lr_retriever, "bridge": config.train.lr_bridge}
+
+        def part(name: str) -> str:  # the query, posterior and passage towers are the retriever
+            return name.split(".")[0] if name.split(".")[0] in rates else "retriever"
+
+        trainable = [(name, p) for name, p in self.system.named_parameters() if p.requires_grad]
+        groups = [{"params": [p for n, p in trainable if part(n) == group], "lr": lr, "name": group} for group, lr in rates.items()]
         self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=config.train.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(config.train.schedule, config.train.warmup_steps, config.train.steps)
@@ -170,7 +170,7 @@ class Trainer:
             "objective": self.objective.state_dict(),
             "index": {"directory": str(self.system.index.directory.resolve()), "refreshes": self.refreshes,
                       "corpus": self.system.index.manifest["corpus"]["fingerprint"],
-                      "encoder": self.system.index.manifest["encoder"]["fingerprint"]},
+                      "encoder": (self.system.index.manifest["encoder"] or {}).get("fingerprint")},  # None for BM25
         }, tmp / "trainer.pt")
         save_config(self.config, tmp / "config.yaml")
         if target.exists():
@@ -199,7 +199,7 @@ class Trainer:
         if Path(state["index"]["directory"]) != self.system.index.directory.resolve():
             from ..index import RetrievalIndex
 
-            self.system.index = RetrievalIndex.open(state["index"]["directory"], self.system.retriever,
+            self.system.index = RetrievalIndex.open(state["index"]["directory"], self.system.index.retriever,
                                                     built_by=state["index"].get("encoder"))
         _set_rng_state(state["rng"])
 
@@ -325,13 +325,16 @@ class Trainer:
 
 
 def train(config: RunConfig, resume: bool = False) -> dict:
-    """Train `config.method` and return its final metrics (RA-DIT: the ablation table)."""
+    """Train `config.method` and return its final metrics (the two-stage pipelines: their table)."""
     if config.method.name == "ra-dit":
         from .radit import run_ra_dit
 
         return run_ra_dit(config, resume=resume)
-    return Trainer(config).run(resume=resume)
+    if config.method.name == "bgm":
+        from .bgm import run_bgm
 
+        return run_bgm(config, resume=resume)
+    return Trainer(config).run(resume=resume)
 
 
 def load_trained(directory: Path | str):
@@ -344,10 +347,13 @@ def load_trained(directory: Path | str):
         raise UserError(f"{directory} is not a checkpoint (no weights.pt); pass RUN_DIR/checkpoint")
     config = load_config(str(directory / "config.yaml"))
     weights = torch.load(directory / "weights.pt", weights_only=True)
-    system = system_from(config, needs_posterior=any(name.startswith("posterior.") for name in weights))
+    if any(name.startswith("bridge.") for name in weights):
+        system = bridge_system_from(config, reference=False)
+    else:
+        system = system_from(config, needs_posterior=any(name.startswith("posterior.") for name in weights))
     load_weights(system, weights, directory)
     index = torch.load(directory / "trainer.pt", weights_only=False)["index"]
     if Path(index["directory"]) != system.index.directory.resolve():
-        system.index = RetrievalIndex.open(index["directory"], system.retriever, built_by=index.get("encoder"))
+        system.index = RetrievalIndex.open(index["directory"], system.index.retriever, built_by=index.get("encoder"))
     system.requires_grad_(False)
     return config, system.eval()
