@@ -78,6 +78,7 @@ def build(args) -> "RetrievalIndex":  # noqa: F821 (imported lazily to keep --he
         batch_size=args.batch_size,
         precision=args.precision,
         source=str(corpus_path),
+        memory_check=not args.no_memory_check,
     )
 
 
@@ -96,7 +97,8 @@ def resolve_index(index: str | None, retriever_name: str | None = None, params: 
         directory = default_index_dir()
         if not (directory / "manifest.json").is_file():
             print(f"building the default index in {directory} (once)", file=sys.stderr)
-            defaults = argparse.Namespace(corpus=None, format=None, chunk_words=None, retriever=None, kind="exact", out=None, param=[], batch_size=64, precision="auto")
+            defaults = argparse.Namespace(corpus=None, format=None, chunk_words=None, retriever=None, kind="exact", out=None, param=[], batch_size=64, precision="auto",
+                                          no_memory_check=False)
             return build(defaults)
     else:
         directory = Path(index)
@@ -377,6 +379,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="index setting, e.g. nlist=1024, m=48, M=32")
     p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="corpus encoding precision; auto = bf16 where the hardware runs it fast")
+    p.add_argument("--no-memory-check", action="store_true", help="build even if the index looks too large for the memory available "
+                                                                  "(same as JOINTRAG_NO_MEMORY_CHECK=1)")
     p.set_defaults(run=cmd_index)
 
     p = commands.add_parser("retrieve", help="print the top-k passages for questions")

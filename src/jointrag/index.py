@@ -25,8 +25,9 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from .corpus import Corpus
+from .corpus import ARROW_NAME, Corpus
 from .errors import UserError
+from .memory import check_memory, index_estimate
 from .retriever import BiEncoder
 from .runtime import resolve_precision
 from .types import Passage
@@ -210,20 +211,24 @@ class BM25Index:
 
 
 def encode_corpus(
-    retriever: BiEncoder, corpus: Corpus, path: Path, *, batch_size: int = 64, precision: str = "fp32", chunk: int = 8192
+    retriever: BiEncoder, corpus: Corpus, path: Path | None, *, batch_size: int = 64, precision: str = "fp32", chunk: int = 8192,
+    rows: range | None = None, progress: bool = True,
 ) -> np.ndarray:
-    """Encode every passage with the passage tower into a memory-mapped (N, D) float32 file.
+    """Encode the passages at `rows` (default: all) with the passage tower into (len(rows), D) float32:
+    a memory-mapped file at `path`, or an array in memory when `path` is None.
 
     Passages are read and encoded `chunk` at a time, so memory stays flat whatever the corpus size.
     """
     tower = retriever.passage_encoder
-    embeddings = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(len(corpus), tower.dim))
-    with tqdm(total=len(corpus), unit="passage", desc="encoding corpus", dynamic_ncols=True) as bar:
-        row = 0
-        for passages in corpus.iter_batches(chunk):
-            embeddings[row : row + len(passages)] = tower.encode(retriever.passage_texts(passages), batch_size, precision, bar.update)
-            row += len(passages)
-    embeddings.flush()
+    rows = range(len(corpus)) if rows is None else rows
+    shape = (len(rows), tower.dim)
+    embeddings = np.empty(shape, np.float32) if path is None else np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
+    with tqdm(total=len(rows), unit="passage", desc="encoding corpus", dynamic_ncols=True, disable=not progress) as bar:
+        for start in range(0, len(rows), chunk):
+            passages = corpus.get(rows[start : start + chunk])
+            embeddings[start : start + len(passages)] = tower.encode(retriever.passage_texts(passages), batch_size, precision, bar.update)
+    if path is not None:
+        embeddings.flush()
     return embeddings
 
 
@@ -250,8 +255,10 @@ def build_index(
     batch_size: int = 64,
     precision: str = "auto",
     source: str | None = None,
+    memory_check: bool = True,
 ) -> "RetrievalIndex":
-    """Store the corpus, encode it, build the index and write the manifest last."""
+    """Store the corpus, encode it, build the index and write the manifest last. Once the corpus is
+    stored, and before encoding, the memory the index needs is checked (`memory.check_memory`)."""
     if kind not in KINDS:
         raise UserError(f"index kind must be one of {', '.join(KINDS)}, not '{kind}'")
     if kind != "bm25" and retriever is None:
@@ -266,6 +273,13 @@ def build_index(
     started = time.time()
     try:
         corpus = Corpus.build(passages, tmp)
+        dim = None if retriever is None else retriever.passage_encoder.dim
+        if kind != "bm25":
+            params = {**FaissIndex.default_params(kind, len(corpus), dim), **(params or {})}
+        if kind in ("flat", "hnsw", "ivfpq"):
+            FaissIndex.check_params(kind, params, len(corpus), dim)
+        if memory_check:
+            check_memory(index_estimate(kind, len(corpus), dim, params, text_bytes=(tmp / ARROW_NAME).stat().st_size))
         manifest: dict = {"format": 1, "kind": kind, "count": len(corpus)}
         if kind == "bm25":
             texts = [f"{p.title} {p.text}" for batch in corpus.iter_batches(8192) for p in batch]
@@ -275,7 +289,6 @@ def build_index(
             precision = resolve_precision(precision, retriever.passage_encoder.device)
             embeddings = encode_corpus(retriever, corpus, tmp / EMBEDDINGS, batch_size=batch_size, precision=precision)
             manifest["precision"] = precision
-            params = {**FaissIndex.default_params(kind, len(corpus), embeddings.shape[1]), **(params or {})}
             if kind != "exact":
                 FaissIndex.build(embeddings, kind, params).save(tmp)
             manifest["encoder"] = retriever.identity()

@@ -1,0 +1,193 @@
+"""Memory planning: estimate what an index build or a training run needs, and fail fast if it will not fit.
+
+An index that outgrows RAM is found out hours into encoding, and an optimiser that outgrows the GPU
+after the model has loaded. So the index build and the trainer first add up what they will hold
+(`index_estimate`, `training_estimate`), compare it with the memory available now
+(`available_bytes`: host RAM, or free GPU memory), and raise a `UserError` naming both figures and
+a cheaper setting when it does not fit (`check_memory`). The estimates are deliberately simple sums
+of the large arrays; `JOINTRAG_NO_MEMORY_CHECK=1` skips the check for users who know better (swap,
+a memory map on a fast disk, an estimate that is too pessimistic for their data).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+SKIP_ENV = "JOINTRAG_NO_MEMORY_CHECK"
+GIB = 2**30
+FLOAT32 = 4
+# Activations kept for backward, in values per token, hidden unit and layer: 34 bytes at 16 bits
+# (Korthikanti et al. 2022, "Reducing activation recomputation in large transformer models", eq. 1,
+# with memory-efficient attention, which drops its 5as/h term).
+ACTIVATION_VALUES = 17
+ANSWER_TOKENS = 32  # target tokens whose vocabulary logits a training step forms (the generator keeps only those)
+BYTES_PER_WORD = 6  # English text, word plus space: turns a corpus size into a BM25 token count
+
+
+@dataclass
+class Estimate:
+    """The memory a job needs: `what` it is, its large `parts` in bytes, what is `loaded` already, and
+    a `suggestion` for a cheaper setting."""
+
+    what: str
+    parts: dict[str, int]
+    suggestion: str
+    loaded: int = 0
+    device: str = field(default="cpu")
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+
+def gib(size: int) -> str:
+    return f"{size / GIB:.1f} GiB"
+
+
+def index_estimate(kind: str, count: int, dim: int | None, params: dict | None = None, text_bytes: int = 0) -> Estimate:
+    """Host memory to build and search an index of `count` passages of `dim` float32 values.
+
+    exact: the vectors (memory-mapped: they need not fit, but search then reads them from disk each
+    time); flat: the vectors; hnsw: the vectors and the graph, an int32 per link, 2M links on level 0
+    and M on each of the expected 1/(M-1) upper levels, plus a level and an offset per node; ivfpq:
+    the PQ codes and int64 ids of the inverted lists, the coarse and PQ centroids, and the float32
+    training sample (256 vectors per centroid) that the build copies into RAM; bm25: the corpus texts
+    (`text_bytes`) held as Python strings, their token ids as Python ints, and the sparse score matrix.
+    """
+    from .index import FaissIndex
+
+    params = {**FaissIndex.default_params(kind, count, dim or 1), **(params or {})}
+    vectors = count * (dim or 0) * FLOAT32
+    what = f"{'a' if kind == 'flat' else 'an'} {kind} index of {count:,} x {dim} float32"
+    if kind in ("exact", "flat"):
+        parts = {"vectors": vectors}
+    elif kind == "hnsw":
+        m = params["M"]
+        parts = {"vectors": vectors, "graph": round(count * (FLOAT32 * (2 * m + m / max(m - 1, 1)) + 4 + 8))}
+    elif kind == "ivfpq":
+        nlist, m, nbits = params["nlist"], params["m"], params["nbits"]
+        parts = {
+            "codes and ids": count * (math.ceil(m * nbits / 8) + 8),
+            "centroids": (nlist + 2**nbits) * dim * FLOAT32,
+            "training sample": min(count, 256 * max(nlist, 2**nbits)) * dim * FLOAT32,
+        }
+    else:
+        what = f"a bm25 index of {count:,} passages ({gib(text_bytes)} of text)"
+        words = text_bytes // BYTES_PER_WORD
+        parts = {"texts": text_bytes + 50 * count, "token ids": words * 36, "score matrix": words * 8}
+    return Estimate(what, parts, _index_suggestion(kind, count, dim, params))
+
+
+def _index_suggestion(kind: str, count: int, dim: int | None, params: dict) -> str:
+    if kind == "bm25":
+        return "use a dense index (--kind ivfpq)"
+    if kind == "ivfpq":
+        return "lower --param nlist (the build trains on 256 vectors per list) or --param m"
+    ivfpq = index_estimate("ivfpq", count, dim).parts
+    return (f"use --kind ivfpq: with the default settings its index holds {gib(ivfpq['codes and ids'] + ivfpq['centroids'])} "
+            f"and its build needs {gib(ivfpq['training sample'])} more for training vectors (256 per list: lower --param nlist for fewer)")
+
+
+def training_estimate(
+    *, parameters: int, trainable: int, param_bytes: int, precision: str, sequences: int, tokens: int,
+    hidden: int, layers: int, vocab: int, lora: bool
+) -> Estimate:
+    """Memory of a training step: weights, gradients and AdamW's two moments (all in the weights'
+    dtype, `param_bytes` each), and the activations of `sequences` prompts of `tokens` tokens through
+    `layers` layers of width `hidden` (2 bytes a value under bf16 autocast, else 4), plus the float32
+    logits and log-probabilities of `ANSWER_TOKENS` target tokens over the vocabulary."""
+    value_bytes = 2 if precision == "bf16" else 4
+    parts = {
+        "weights": parameters * param_bytes,
+        "gradients": trainable * param_bytes,
+        "AdamW state": 2 * trainable * param_bytes,
+        "activations": sequences * tokens * hidden * layers * ACTIVATION_VALUES * value_bytes
+        + sequences * ANSWER_TOKENS * vocab * 2 * FLOAT32,
+    }
+    what = f"training {parameters / 1e6:,.0f}M parameters ({trainable / 1e6:,.1f}M trainable, {precision}) on {sequences} sequences of {tokens} tokens"
+    ways = [] if lora else ["model.lora=true"]
+    suggestion = "use " + " or ".join(ways + ["a smaller train.batch_size (raise train.grad_accum to keep the batch) or method.k"])
+    return Estimate(what, parts, suggestion)
+
+
+def model_training_estimate(model: torch.nn.Module, *, sequences: int, tokens: int, precision: str) -> Estimate:
+    """`training_estimate` for a built model: parameter counts from it, and layers, width and vocabulary
+    from the largest Hugging Face model inside it (the generator). Its weights are already loaded."""
+    params = {id(p): p for p in model.parameters()}.values()
+    trainable = [p for p in params if p.requires_grad]
+    hf = max((m for m in model.modules() if hasattr(getattr(m, "config", None), "vocab_size")),
+             key=lambda m: sum(p.numel() for p in m.parameters()))
+    config = hf.config.get_text_config() if hasattr(hf.config, "get_text_config") else hf.config
+    hidden = getattr(config, "hidden_size", None) or config.d_model
+    layers = getattr(config, "num_hidden_layers", None) or config.num_layers
+    estimate = training_estimate(
+        parameters=sum(p.numel() for p in params), trainable=sum(p.numel() for p in trainable),
+        param_bytes=max(p.element_size() for p in params), precision=precision, sequences=sequences, tokens=tokens,
+        hidden=hidden, layers=layers, vocab=config.vocab_size, lora=any("lora_" in name for name, _ in model.named_parameters()),
+    )
+    estimate.loaded = estimate.parts["weights"]
+    estimate.device = str(next(iter(params)).device)
+    return estimate
+
+
+def check_training_memory(system: torch.nn.Module, *, batch_size: int, k: int, tokens: int, precision: str) -> Estimate:
+    """Fail fast if training `system` (built, trainable flags set, optimiser not yet made) on micro-batches
+    of `batch_size` examples with `k` passages each, prompts of up to `tokens` tokens, will not fit."""
+    estimate = model_training_estimate(system, sequences=batch_size * k, tokens=tokens, precision=precision)
+    check_memory(estimate)
+    return estimate
+
+
+def _host_available() -> int | None:
+    """Available host memory: psutil's or /proc/meminfo's MemAvailable, capped by a cgroup v2 limit."""
+    try:
+        import psutil
+
+        available = psutil.virtual_memory().available
+    except ImportError:
+        meminfo = Path("/proc/meminfo")
+        lines = meminfo.read_text().splitlines() if meminfo.is_file() else []
+        found = [int(line.split()[1]) * 1024 for line in lines if line.startswith("MemAvailable:")]
+        available = found[0] if found else None
+    cgroup = Path("/sys/fs/cgroup")
+    try:
+        limit = (cgroup / "memory.max").read_text().strip()
+        if limit != "max":
+            left = int(limit) - int((cgroup / "memory.current").read_text())
+            available = left if available is None else min(available, left)
+    except (OSError, ValueError):
+        pass
+    return available
+
+
+def available_bytes(device: torch.device | str = "cpu") -> int | None:
+    """Memory that can still be allocated on `device` (free GPU memory on CUDA); None if unknown."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return _host_available() if device.type == "cpu" else None
+
+
+def check_memory(estimate: Estimate, available: int | None = None) -> None:
+    """Raise a UserError if `estimate` needs more than `available` (default: what `available_bytes`
+    reports on the estimate's device) beyond what is loaded already; skipped by JOINTRAG_NO_MEMORY_CHECK=1."""
+    if os.environ.get(SKIP_ENV, "") not in ("", "0"):
+        return
+    available = available_bytes(estimate.device) if available is None else available
+    needed = estimate.total - estimate.loaded
+    if available is None or needed <= available:
+        return
+    parts = ", ".join(f"{name} {gib(size)}" for name, size in estimate.parts.items())
+    loaded = f", of which {gib(estimate.loaded)} is loaded already" if estimate.loaded else ""
+    where = "GPU memory" if estimate.device.startswith("cuda") else "memory"
+    raise UserError(
+        f"{estimate.what} needs about {gib(estimate.total)} ({parts}){loaded}, but only {gib(available)} of {where} "
+        f"is available; {estimate.suggestion}. Set {SKIP_ENV}=1 to skip this check."
+    )

@@ -1,0 +1,130 @@
+"""Tests for jointrag.distributed_index: sharding, the top-k merge, and 2 gloo processes under torchrun
+searching exactly as one process does (random vectors and the tiny encoder, uneven shards, k above a shard)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jointrag.distributed_index import ShardedIndex, merge_topk, shard_rows
+from jointrag.errors import UserError
+from jointrag.index import ExactIndex, build_index
+from jointrag.retriever import load_retriever
+
+from conftest import PASSAGES
+
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+KS = (1, 3, 6, 20)  # 6: above the 5- and 6-row shards of 11 rows; 20: above the corpus
+QUESTIONS = ["What is the capital of France?", "Who won Super Bowl 50?", "Which river flows through Vienna?"]
+
+WORKER = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+    import torch.distributed as dist
+
+    from jointrag.corpus import Corpus
+    from jointrag.distributed_index import ShardedIndex
+    from jointrag.retriever import load_retriever
+
+    work, encoder = Path(sys.argv[1]), sys.argv[2]
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    data = np.load(work / "vectors.npz")
+    mine = data["queries"][:3] if rank == 0 else data["queries"][3:]  # 3 and 2 queries
+    results = {}
+    for kind in ("exact", "flat"):
+        index = ShardedIndex(data["corpus"][[0, 6][rank] : [6, 11][rank]], range([0, 6][rank], [6, 11][rank]), 11, kind)
+        for k in (1, 3, 6, 20):
+            results[f"{kind}-{k}-scores"], results[f"{kind}-{k}-rows"] = index.search(mine, k)
+    retriever = load_retriever(encoder)
+    queries = np.load(work / "queries.npy")[rank::2]
+    for name, index in (("encode", ShardedIndex.encode(retriever, Corpus.open(work / "index"), batch_size=1)),
+                        ("open", ShardedIndex.open(work / "index", retriever))):
+        for k in (3, 6, 9):
+            results[f"{name}-{k}-scores"], results[f"{name}-{k}-rows"] = index.search(queries, k)
+    np.savez(work / f"rank{rank}.npz", **results)
+    dist.destroy_process_group()
+    """
+)
+
+
+def test_shard_rows_cover_the_corpus_contiguously():
+    for count, world in [(11, 2), (10, 3), (1, 2), (0, 2), (8, 8)]:
+        shards = [shard_rows(count, rank, world) for rank in range(world)]
+        assert [row for shard in shards for row in shard] == list(range(count))
+        assert max(map(len, shards)) - min(map(len, shards)) <= 1
+    assert shard_rows(11, 0, 2) == range(0, 6) and shard_rows(11, 1, 2) == range(6, 11)
+
+
+def test_merge_orders_by_score_then_row_and_puts_missing_last():
+    scores = np.array([[1.0, 2.0, 2.0, -np.inf, 0.5, 2.0]], dtype=np.float32)
+    rows = np.array([[4, 9, 3, -1, 0, 5]])
+    merged_scores, merged_rows = merge_topk(scores, rows, 6)
+    assert merged_rows.tolist() == [[3, 5, 9, 4, 0, -1]]
+    assert merged_scores.tolist() == [[2.0, 2.0, 2.0, 1.0, 0.5, -np.inf]]
+
+
+def test_single_process_without_a_process_group_equals_exact_search():
+    rng = np.random.default_rng(0)
+    corpus, queries = rng.standard_normal((11, 8), dtype=np.float32), rng.standard_normal((4, 8), dtype=np.float32)
+    for k in KS:
+        expected = ExactIndex(corpus).search(queries, k)
+        for kind in ("exact", "flat"):
+            found = ShardedIndex(corpus, range(11), 11, kind).search(queries, k)
+            np.testing.assert_array_equal(found[1], expected[1])
+            np.testing.assert_allclose(found[0], expected[0], rtol=1e-6)
+
+
+def test_ties_go_to_the_lower_row():
+    corpus = np.array([[1, 0], [2, 0], [1, 0], [2, 0], [1, 0]], dtype=np.float32)  # integer scores: exact ties
+    scores, rows = ShardedIndex(corpus, range(5), 5).search(np.array([[1, 0]], dtype=np.float32), 4)
+    assert rows.tolist() == [[1, 3, 0, 2]] and scores.tolist() == [[2, 2, 1, 1]]
+
+
+def test_refuses_other_kinds_and_bm25_indexes(tmp_path, passages):
+    with pytest.raises(UserError, match="exact, flat"):
+        ShardedIndex(np.zeros((2, 4), np.float32), range(2), 2, "hnsw")
+    build_index(passages, tmp_path / "bm25", retriever=None, kind="bm25")
+    with pytest.raises(UserError, match="no embeddings"):
+        ShardedIndex.open(tmp_path / "bm25")
+
+
+def test_two_processes_search_as_one(tmp_path, tiny_dir):
+    rng = np.random.default_rng(1)
+    corpus, queries = rng.standard_normal((11, 8), dtype=np.float32), rng.standard_normal((5, 8), dtype=np.float32)
+    np.savez(tmp_path / "vectors.npz", corpus=corpus, queries=queries)
+    retriever = load_retriever(str(tiny_dir / "encoder"))
+    index = build_index(PASSAGES[:7], tmp_path / "index", retriever=retriever, batch_size=1, precision="fp32")  # 7 rows: 4 + 3
+    text_queries = retriever.encode_queries(QUESTIONS)
+    np.save(tmp_path / "queries.npy", text_queries)
+    (tmp_path / "worker.py").write_text(WORKER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [str(TORCHRUN), "--standalone", "--nproc_per_node=2", str(tmp_path / "worker.py"), str(tmp_path), str(tiny_dir / "encoder")]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [np.load(tmp_path / f"rank{rank}.npz") for rank in range(2)]
+
+    def joined(name: str, order=None) -> np.ndarray:
+        parts = np.concatenate([r[name] for r in ranks])
+        return parts if order is None else parts[np.argsort(order, kind="stable")]
+
+    for kind in ("exact", "flat"):
+        for k in KS:
+            scores, rows = ExactIndex(corpus).search(queries, k)
+            np.testing.assert_array_equal(joined(f"{kind}-{k}-rows"), rows)
+            np.testing.assert_allclose(joined(f"{kind}-{k}-scores"), scores, rtol=1e-6)
+    order = [0, 2, 1]  # rank 0 searched questions 0 and 2, rank 1 question 1
+    for name in ("encode", "open"):
+        for k in (3, 6, 9):
+            scores, rows = index.search_embeddings(text_queries, k)
+            np.testing.assert_array_equal(joined(f"{name}-{k}-rows", order), rows)
+            np.testing.assert_allclose(joined(f"{name}-{k}-scores", order), scores, rtol=1e-5, atol=1e-6)
