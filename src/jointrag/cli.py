@@ -313,9 +313,12 @@ def cmd_train(args) -> None:
     shorthands = {"method.name": args.method, "data.train": args.data, "model.index": args.index, "out": args.out, "train.steps": args.steps}
     overrides = [f"{key}={value}" for key, value in shorthands.items() if value is not None] + args.overrides
     config = load_config(args.config, overrides)
+    from .distributed import is_main
     from .train import train
 
     metrics = train(config, resume=args.resume)
+    if not is_main():  # under torchrun, rank 0 reports
+        return
     if args.json:
         print(json.dumps(metrics))
     elif config.method.name in PIPELINE_OUTPUTS:

@@ -82,6 +82,8 @@ class TrainConfig:
     log_every: int = _field(1, "steps between training-metric log lines")
     eval_every: int = _field(0, "steps between dev evaluations; 0: only at the end")
     save_every: int = _field(0, "steps between checkpoints; 0: only at the end")
+    dist_timeout: int = _field(3600, "under torchrun: seconds a rank waits for the others (rank 0 evaluates and rebuilds "
+                                     "the index alone) before the run fails")
 
 
 @dataclass

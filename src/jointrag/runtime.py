@@ -35,4 +35,5 @@ def autocast(device: torch.device, precision: str):
 
 
 def default_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    """The current GPU (under torchrun, cuda:LOCAL_RANK: `distributed.process_group` selects it), else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")

@@ -6,6 +6,13 @@ method is only its objective (`objectives/`). A checkpoint holds the trained wei
 the scheduler, every RNG state, the data position, the objective's state (JSA's chain cache) and the
 index in use, so a resumed run continues the same trajectory. It is written to a temporary
 directory and swapped in, so a failed run leaves the previous checkpoint intact.
+
+Under `torchrun` (see `distributed.py`) `train.batch_size` is per rank: the sampler draws the global
+batch of batch_size x world_size and each rank takes its slice, so N ranks take the steps one process
+takes with N times the batch (the same losses wherever the objective draws no random numbers).
+Gradients and logged metrics are averaged over ranks; rank 0 alone evaluates, rebuilds the index and
+writes metrics, TensorBoard, plots and checkpoints. The data position is global and the objective's
+per-example state is kept whole on every rank, so a checkpoint resumes on any number of ranks.
 """
 
 from __future__ import annotations
@@ -21,16 +28,19 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .. import distributed
 from .. import metrics as qa_metrics
 from ..bgm import BridgeSystem, bridge_answers, score_bridged
 from ..config import RunConfig, save_config
 from ..errors import UserError
 from ..evaluate import evaluate
+from ..memory import check_training_memory
 from ..runtime import autocast, resolve_precision
 from ..types import Example
 from .build import bridge_system_from, examples_from, load_weights, objective_from, set_trainable, system_for, system_from
 
 CHECKPOINT = "checkpoint"
+DISTRIBUTED_METHODS = ("rag-sequence", "rag-token", "vrag", "jsa")
 
 
 class Sampler:
@@ -95,6 +105,12 @@ def lr_lambda(schedule: str, warmup: int, total: int):
     return factor
 
 
+def _seed(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
 def _rng_state() -> dict:
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
@@ -130,15 +146,17 @@ class Trainer:
     def __init__(self, config: RunConfig):
         self.config = config
         self.out = Path(config.out)
-        torch.manual_seed(config.train.seed)
-        random.seed(config.train.seed)
-        np.random.seed(config.train.seed)
+        if distributed.world_size() > 1 and config.method.name not in DISTRIBUTED_METHODS:
+            raise UserError(f"method '{config.method.name}' trains in one process; torchrun runs {', '.join(DISTRIBUTED_METHODS)}")
+        _seed(config.train.seed)
         self.objective = objective_from(config)
         self.system = system_for(config, self.objective)
         set_trainable(self.system, self.objective.trains, passage_tower=config.model.train_passage_tower)
         self.train_examples, self.dev_examples = examples_from(config, self.system.index.corpus)
         self.sampler = Sampler(self.train_examples, config.train.seed)
         self.precision = resolve_precision(config.train.precision, self.system.generator.device)
+        check_training_memory(self.system, batch_size=config.train.batch_size, k=config.method.k,
+                              tokens=config.model.max_prompt_tokens, precision=self.precision)
         rates = {"generator": config.train.lr_generator, "retriever": config.train.lr_retriever, "bridge": config.train.lr_bridge}
 
         def part(name: str) -> str:  # the query, posterior and passage towers are the retriever
@@ -147,6 +165,10 @@ class Trainer:
         trainable = [(name, p) for name, p in self.system.named_parameters() if p.requires_grad]
         groups = [{"params": [p for n, p in trainable if part(n) == group], "lr": lr, "name": group} for group, lr in rates.items()]
         self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=config.train.weight_decay)
+        self.parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
+        distributed.broadcast_parameters(self.parameters)
+        if distributed.rank():  # the ranks start alike, then sample independently
+            _seed(config.train.seed + distributed.rank())
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(config.train.schedule, config.train.warmup_steps, config.train.steps)
         )
@@ -156,7 +178,14 @@ class Trainer:
 
     # checkpoints
 
-    def save(self) -> Path:
+    def save(self) -> None:
+        """Rank 0 writes the checkpoint (every rank's RNG state included) while the others wait."""
+        rng = distributed.all_gather(_rng_state())
+        if distributed.is_main():
+            self._write_checkpoint(rng)
+        distributed.barrier()
+
+    def _write_checkpoint(self, rng: list[dict]) -> None:
         target, tmp = self.out / CHECKPOINT, self.out / f"{CHECKPOINT}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -165,7 +194,7 @@ class Trainer:
             "step": self.step,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "rng": _rng_state(),
+            "rng": rng,
             "sampler": self.sampler.state_dict(),
             "objective": self.objective.state_dict(),
             "index": {"directory": str(self.system.index.directory.resolve()), "refreshes": self.refreshes,
@@ -181,7 +210,6 @@ class Trainer:
             shutil.rmtree(old)
         else:
             tmp.rename(target)
-        return target
 
     def resume(self) -> None:
         directory = self.out / CHECKPOINT
@@ -201,11 +229,26 @@ class Trainer:
 
             self.system.index = RetrievalIndex.open(state["index"]["directory"], self.system.index.retriever,
                                                     built_by=state["index"].get("encoder"))
-        _set_rng_state(state["rng"])
+        rng = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]  # older checkpoints: one process's
+        if distributed.rank() < len(rng):
+            _set_rng_state(rng[distributed.rank()])
+        else:  # a rank the saved run did not have
+            _seed(self.config.train.seed + distributed.rank() + self.step)
 
     # index refresh (only when the passage tower trains)
 
     def refresh_index(self) -> dict:
+        """Rank 0 re-encodes the corpus into the run's index while the other ranks wait, then they open it."""
+        values = self._rebuild_index() if distributed.is_main() else {}
+        distributed.barrier()
+        if not distributed.is_main():
+            from ..index import RetrievalIndex
+
+            self.system.index = RetrievalIndex.open(self.out / "index", self.system.retriever)
+        self.refreshes += 1
+        return values
+
+    def _rebuild_index(self) -> dict:
         """Re-encode the corpus with the current passage tower into the run's index; report staleness:
         gold recall@k on a probe of dev questions with the stale index minus with the fresh one."""
         from ..index import build_index
@@ -229,23 +272,27 @@ class Trainer:
         fresh = recall(fresh_index)
         self.system.train()
         self.system.index = fresh_index
-        self.refreshes += 1
         return {f"stale_recall@{k}": stale, f"fresh_recall@{k}": fresh, "staleness": stale - fresh}
 
     # evaluation
 
     def evaluate(self) -> dict:
-        self.system.eval()
-        _, result = evaluate_system(self.system, self.config, self.dev_examples)
-        self.system.train()
-        return {key: value for key, value in result.items() if isinstance(value, float)}
+        """Dev metrics, computed by rank 0 while the other ranks wait (they get {})."""
+        values = {}
+        if distributed.is_main():
+            self.system.eval()
+            _, result = evaluate_system(self.system, self.config, self.dev_examples)
+            self.system.train()
+            values = {key: value for key, value in result.items() if isinstance(value, float)}
+        distributed.barrier()
+        return values
 
     def upcoming(self) -> list[Example]:
         """The examples the rest of the run will draw, in order (a copy of the sampler runs ahead)."""
         c = self.config.train
         ahead = Sampler(self.train_examples, c.seed)
         ahead.load_state_dict(self.sampler.state_dict())
-        return ahead.next((c.steps - self.step) * c.grad_accum * c.batch_size)
+        return ahead.next((c.steps - self.step) * c.grad_accum * c.batch_size * distributed.world_size())
 
     # the loop
 
@@ -258,14 +305,18 @@ class Trainer:
             self.resume()
         elif checkpoint.exists():
             raise UserError(f"{self.out} already holds a run; pass --resume to continue it or choose another --out")
-        self.out.mkdir(parents=True, exist_ok=True)
-        save_config(self.config, self.out / "config.yaml")
-        from torch.utils.tensorboard import SummaryWriter
+        main = distributed.is_main()
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_config(self.config, self.out / "config.yaml")
+            from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(self.out / "tensorboard"))
-        log = open(self.out / "metrics.jsonl", "a")
+            writer = SummaryWriter(str(self.out / "tensorboard"))
+            log = open(self.out / "metrics.jsonl", "a")
 
         def record(split: str, values: dict) -> None:
+            if not main:
+                return
             log.write(json.dumps({"step": self.step, "split": split, "time": round(time.time(), 3), **values}) + "\n")
             log.flush()
             for key, value in values.items():
@@ -278,20 +329,23 @@ class Trainer:
         self.system.train()
         pending: dict[str, list[float]] = {}
         # the bar is closed on errors too, so an error message never lands on the bar's line
-        bar = tqdm(total=c.steps, initial=self.step, unit="step", desc=f"training {self.config.method.name}", dynamic_ncols=True)
+        bar = tqdm(total=c.steps, initial=self.step, unit="step", desc=f"training {self.config.method.name}",
+                   dynamic_ncols=True, disable=not main)
         with bar:
             while self.step < c.steps:
                 started = time.perf_counter()
                 for _ in range(c.grad_accum):
+                    batch = distributed.shard(self.sampler.next(c.batch_size * distributed.world_size()))
                     with autocast(self.system.generator.device, self.precision):
-                        output = self.objective(self.system, self.sampler.next(c.batch_size))
+                        output = self.objective(self.system, batch)
+                    distributed.share_example_state(self.objective, [e.id for e in batch])
                     if not torch.isfinite(output.loss):
                         raise RuntimeError(f"step {self.step + 1}: the loss is {output.loss.item()}; the last checkpoint is intact")
                     (output.loss / c.grad_accum).backward()
                     for key, value in output.metrics.items():
                         pending.setdefault(key, []).append(value)
-                parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
-                norm = torch.nn.utils.clip_grad_norm_(parameters, c.max_grad_norm if c.max_grad_norm > 0 else float("inf"))
+                distributed.average_gradients(self.parameters)
+                norm = torch.nn.utils.clip_grad_norm_(self.parameters, c.max_grad_norm if c.max_grad_norm > 0 else float("inf"))
                 self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -301,7 +355,7 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{np.mean(pending['loss']):.3f}")
                 if self.step % c.log_every == 0 or self.step == c.steps:
-                    values = {key: float(np.mean(v)) for key, v in pending.items()}
+                    values = distributed.mean_over_ranks({key: float(np.mean(v)) for key, v in pending.items()})
                     values.update({f"lr_{g['name']}": g["lr"] for g in self.optimizer.param_groups})
                     record("train", values)
                     pending = {}
@@ -316,16 +370,23 @@ class Trainer:
         final = self.evaluate()
         record("eval", final)
         self.save()
-        writer.close()
-        log.close()
-        from ..plot import plot_run
+        if main:
+            writer.close()
+            log.close()
+            from ..plot import plot_run
 
-        plot_run(self.out)
-        return final
+            plot_run(self.out)
+        return distributed.from_main(final)
 
 
 def train(config: RunConfig, resume: bool = False) -> dict:
-    """Train `config.method` and return its final metrics (the two-stage pipelines: their table)."""
+    """Train `config.method` and return its final metrics (the two-stage pipelines: their table).
+    Under torchrun, every rank runs this and returns rank 0's metrics."""
+    with distributed.process_group(config.train.dist_timeout):
+        return _train(config, resume)
+
+
+def _train(config: RunConfig, resume: bool) -> dict:
     if config.method.name == "ra-dit":
         from .radit import run_ra_dit
 

@@ -1,0 +1,114 @@
+"""Tests for training under torchrun: 2 CPU processes (gloo) on the tiny models, against 1 process.
+
+`train.batch_size` is per rank, so 2 ranks with batch 2 take the steps of 1 process with batch 4.
+The losses agree only where the objective draws no random numbers, so the equivalence runs
+RAG-Sequence on a copy of the tiny encoder without dropout. It trains the passage tower with an index
+refresh after every step (rank 0 rebuilds, the other rank reopens), at a retriever rate high enough
+that a rank searching a stale index would change the next loss. JSA, which samples, checks the state
+that crosses ranks instead: its chain cache and the global data position.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from jointrag.cli import main
+from cli_helpers import write_jsonl
+from test_train import QA, assert_complete_run, isolated_home, read_metrics, train_argv, train_lines  # noqa: F401 (a fixture)
+
+TORCHRUN = Path(sys.executable).parent / "torchrun"
+CONSTANT = "train.schedule=constant"  # a decaying schedule depends on train.steps
+REFRESH = ("model.train_passage_tower=true", "model.refresh=0-:1", "train.lr_retriever=0.05")
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_dir, tmp_path_factory) -> dict:
+    """The fixture files, the tiny models with a dropout-free encoder, and an exact index built with it."""
+    from conftest import PASSAGES
+
+    root = tmp_path_factory.mktemp("distributed")
+    models = root / "models"
+    shutil.copytree(tiny_dir, models)
+    config = json.loads((models / "encoder" / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (models / "encoder" / "config.json").write_text(json.dumps(config))
+    files = {"corpus": write_jsonl(root / "corpus.jsonl", [{"id": p.id, "title": p.title, "text": p.text} for p in PASSAGES]),
+             "qa": write_jsonl(root / "qa.jsonl", QA)}
+    index = root / "index"
+    assert main(["index", "--corpus", str(files["corpus"]), "--out", str(index), "--retriever", str(models / "encoder"),
+                 "--precision", "fp32"]) == 0
+    return {"files": files, "index": str(index), "models": models, "root": root}
+
+
+def argv(setup, out, method: str, steps: int, *sets) -> list[str]:
+    return train_argv(setup["files"], setup["index"], setup["models"], out, method, steps, CONSTANT, *sets)
+
+
+def torchrun(args: list[str], home: Path) -> str:
+    """`torchrun --nproc_per_node=2 -m jointrag ...`; returns its stdout."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "JOINTRAG_HOME": str(home), "CUDA_VISIBLE_DEVICES": ""}  # gloo on the CPU
+    done = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node=2", "-m", "jointrag", *args],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done.stdout
+
+
+def by_step(out: Path, key: str) -> dict[int, float]:
+    return {r["step"]: r[key] for r in train_lines(out)}
+
+
+@pytest.fixture(scope="module")
+def runs(setup, tmp_path_factory) -> dict:
+    """RAG-Sequence with index refresh: 4 steps of 1 process with batch 4, and 2 steps of 2 ranks with batch 2."""
+    root = tmp_path_factory.mktemp("runs")
+    straight, two = root / "straight", root / "two"
+    assert main(argv(setup, straight, "rag-sequence", 4, "train.batch_size=4", *REFRESH)) == 0
+    stdout = torchrun(argv(setup, two, "rag-sequence", 2, *REFRESH), root / "home")
+    return {"straight": straight, "two": two, "stdout": stdout}
+
+
+def test_two_ranks_take_the_steps_of_one_process_with_the_global_batch(runs):
+    for key in ("loss", "grad_norm"):
+        expected, got = by_step(runs["straight"], key), by_step(runs["two"], key)
+        assert [got[s] for s in (1, 2)] == pytest.approx([expected[s] for s in (1, 2)], rel=1e-5, abs=1e-6), key
+    refreshes = [r["step"] for r in read_metrics(runs["two"]) if "staleness" in r]
+    assert refreshes == [1, 2]
+
+
+def test_only_rank_0_writes(runs):
+    assert_complete_run(runs["two"], 2)  # each step logged once, one checkpoint, tensorboard, plots
+    assert sum(r["split"] == "eval" for r in read_metrics(runs["two"])) == 1
+    assert runs["stdout"].count("wrote ") == 1
+    assert not list(runs["two"].parent.glob("*.tmp")) and sorted(p.name for p in runs["two"].iterdir()) == [
+        "checkpoint", "config.yaml", "index", "metrics.jsonl", "plots", "tensorboard"]
+
+
+def test_a_two_rank_checkpoint_resumes_in_one_process_on_the_same_trajectory(setup, runs, tmp_path):
+    resumed = tmp_path / "resumed"
+    shutil.copytree(runs["two"], resumed)
+    assert main(argv(setup, resumed, "rag-sequence", 4, "train.batch_size=4", *REFRESH) + ["--resume"]) == 0
+    expected, got = by_step(runs["straight"], "loss"), by_step(resumed, "loss")
+    assert [got[s] for s in (3, 4)] == pytest.approx([expected[s] for s in (3, 4)], rel=1e-5, abs=1e-6)
+
+
+def test_a_one_process_jsa_checkpoint_resumes_on_two_ranks_with_the_whole_chain_cache(setup, tmp_path):
+    """Step 1 in one process (2 examples), step 2 on 2 ranks (2 examples each): the saved chain cache
+    holds all 4 examples, whichever rank trained them, and the data position counts all 6."""
+    out = tmp_path / "jsa"
+    assert main(argv(setup, out, "jsa", 1)) == 0
+    assert len(torch.load(out / "checkpoint" / "trainer.pt", weights_only=False)["objective"]["chain_cache"]) == 2
+    torchrun(argv(setup, out, "jsa", 2) + ["--resume"], tmp_path / "home")
+    state = torch.load(out / "checkpoint" / "trainer.pt", weights_only=False)
+    assert state["step"] == 2 and state["sampler"] == {"epoch": 1, "offset": 2}
+    cache = state["objective"]["chain_cache"]
+    assert sorted(cache) == sorted(q["id"] for q in QA) and all(0 <= row < 8 for row in cache.values())
+    assert [r["step"] for r in train_lines(out)] == [1, 2]
+    assert len(state["rng"]) == 2
