@@ -247,7 +247,7 @@ def test_ensemble_equals_a_brute_force_mixture(tiny_dir, passages):
             total = 0.0
             for prompt, weight in zip(prompts, p_r):
                 logp, mask = generator.pair_logprobs([prompt], [y])  # one pair: no batching, no padding
-                total += weight * math.exp(float((logp * mask).sum()))
+                total += weight * math.exp((logp * mask).sum().detach().item())
             return total
 
         best = max(candidates, key=mixture)
