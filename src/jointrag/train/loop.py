@@ -159,11 +159,16 @@ class Trainer:
                               tokens=config.model.max_prompt_tokens, precision=self.precision)
         rates = {"generator": config.train.lr_generator, "retriever": config.train.lr_retriever, "bridge": config.train.lr_bridge}
 
-        def part(name: str) -> str:  # the query, posterior and passage towers are the retriever
-            return name.split(".")[0] if name.split(".")[0] in rates else "retriever"
+        # a parameter belongs to the generator or the bridge if that part owns it and trains, else to the
+        # retriever (query, posterior and passage towers); parts may share a base model (Invar-RAG)
+        owners = {name: {id(p) for p in getattr(self.system, name).parameters()}
+                  for name in ("generator", "bridge") if name in self.objective.trains}
 
-        trainable = [(name, p) for name, p in self.system.named_parameters() if p.requires_grad]
-        groups = [{"params": [p for n, p in trainable if part(n) == group], "lr": lr, "name": group} for group, lr in rates.items()]
+        def part(parameter) -> str:
+            return next((name for name, ids in owners.items() if id(parameter) in ids), "retriever")
+
+        trainable = [p for p in self.system.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in trainable if part(p) == group], "lr": lr, "name": group} for group, lr in rates.items()]
         self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=config.train.weight_decay)
         self.parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
         distributed.broadcast_parameters(self.parameters)
@@ -395,6 +400,10 @@ def _train(config: RunConfig, resume: bool) -> dict:
         from .bgm import run_bgm
 
         return run_bgm(config, resume=resume)
+    if config.method.name == "invar-rag":
+        from .invar import run_invar
+
+        return run_invar(config, resume=resume)
     return Trainer(config).run(resume=resume)
 
 
@@ -410,6 +419,10 @@ def load_trained(directory: Path | str):
     weights = torch.load(directory / "weights.pt", weights_only=True)
     if any(name.startswith("bridge.") for name in weights):
         system = bridge_system_from(config, reference=False)
+    elif config.method.name.startswith("invar-"):
+        from .invar import invar_system_from
+
+        system = invar_system_from(config)
     else:
         system = system_from(config, needs_posterior=any(name.startswith("posterior.") for name in weights))
     load_weights(system, weights, directory)
