@@ -82,6 +82,8 @@ class TrainConfig:
     log_every: int = _field(1, "steps between training-metric log lines")
     eval_every: int = _field(0, "steps between dev evaluations; 0: only at the end")
     save_every: int = _field(0, "steps between checkpoints; 0: only at the end")
+    fsdp: bool = _field(False, "under torchrun: shard the generator's parameters, gradients and optimiser state over the ranks "
+                               "(FSDP) instead of replicating them (DDP); for generators that do not fit one device")
     dist_timeout: int = _field(3600, "under torchrun: seconds a rank waits for the others (rank 0 evaluates and rebuilds "
                                      "the index alone) before the run fails")
 
@@ -139,6 +141,35 @@ class BgmConfig:
 
 
 @dataclass
+class InvarConfig:
+    """Invar-RAG (methods.md §6): the LLM retriever (a LoRA adapter on the generator's base model), its
+    three losses (retrieval stage), and the generation adapter (generation stage)."""
+
+    pooling: str = _field("last", "LLM retriever pooling: 'last' (the state of an end-of-sequence token appended to the text) or 'mean'")
+    query_template: str = _field("query: {question}", "text the LLM retriever reads for a query (instruction prefix)")
+    passage_template: str = _field("passage: {title}. {text}", "text the LLM retriever reads for a passage (instruction prefix)")
+    max_length: int = _field(256, "LLM retriever: tokens read per text at most")
+    lora_r: int = _field(8, "rank of both LoRA adapters (retrieval, generation)")
+    lora_alpha: int = _field(16, "LoRA scaling numerator of both adapters")
+    lora_targets: str = _field("all-linear", "peft target_modules of both adapters: 'all-linear' or comma-separated module names")
+    teacher: str | None = _field(None, "index of the small encoder whose relevance the LLM retriever aligns to and whose top-k "
+                                       "are the hard negatives (default: the embedded MiniLM index); same corpus as the run")
+    negatives: int = _field(4, "hard negatives per query: the small encoder's top-ranked passages that are not positives")
+    tau: float = _field(0.05, "LLM retriever temperature: p(z|x) = softmax(cos(x, z) / tau)")
+    teacher_tau: float = _field(0.05, "small-encoder temperature of the alignment target (MiniLM scores are cosines)")
+    w_contrastive: float = _field(1.0, "weight of the InfoNCE loss (positives against in-batch and hard negatives)")
+    w_align: float = _field(1.0, "weight of KL(p_small || p_LLM) over each query's candidates")
+    w_invariance: float = _field(1.0, "weight of KL(p_original || p_varied) over each query's candidates")
+    word_drop: float = _field(0.15, "query rewriting: share of the query's words dropped at random in the varied view")
+    rewrites: str | None = _field(None, "JSONL file of rewritten queries {\"id\", \"rewrite\"} used as the varied view "
+                                        "where an example has one (e.g. written by an LLM); else words are dropped")
+    window: float = _field(0.5, "context-window resizing: a varied passage keeps a random window of at least this share of its "
+                                "words, or (half of the time) grows by the next passage of the same title")
+    adapter: str | None = _field(None, "generation stage: the retrieval-stage checkpoint whose adapter is loaded and frozen "
+                                       "(the invar-rag pipeline sets RUN/retrieval/checkpoint)")
+
+
+@dataclass
 class RunConfig:
     out: str = _field("runs/train", "run directory: checkpoints, metrics.jsonl, TensorBoard logs, plots")
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -147,10 +178,13 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     bgm: BgmConfig = field(default_factory=BgmConfig)
+    invar: InvarConfig = field(default_factory=InvarConfig)
 
 
 CHOICES = {
-    "method.name": ("rag-sequence", "rag-token", "vrag", "jsa", "ra-dit", "ra-dit-lm", "ra-dit-lsr", "bgm", "bgm-sl", "bgm-ppo"),
+    "method.name": ("rag-sequence", "rag-token", "vrag", "jsa", "ra-dit", "ra-dit-lm", "ra-dit-lsr", "bgm", "bgm-sl", "bgm-ppo",
+                    "invar-rag", "invar-retrieval", "invar-generation"),
+    "invar.pooling": ("last", "mean"),
     "method.lsr_form": ("log", "prob"),
     "method.reduce": ("sum", "mean"),
     "method.estimator": ("enumerate", "sample"),
@@ -165,9 +199,9 @@ POSITIVE = {"method.k", "method.tau", "method.proposals", "train.steps", "train.
             "train.log_every", "eval.k", "eval.max_new_tokens", "eval.num_beams", "eval.batch_size",
             "model.max_prompt_tokens", "model.lora_r", "method.lm_k", "method.lm_tau", "method.corpus_words",
             "bgm.max_passages", "bgm.max_new_tokens", "bgm.lora_r", "bgm.max_len", "bgm.answer_tokens", "bgm.clip",
-            "bgm.epochs", "bgm.temperature"}
-AT_LEAST = {"bgm.samples": 2, "bgm.beta": 0}
-FRACTION = {"method.corpus_ratio"}  # in [0, 1)
+            "bgm.epochs", "bgm.temperature", "invar.max_length", "invar.lora_r", "invar.negatives", "invar.tau", "invar.teacher_tau"}
+AT_LEAST = {"bgm.samples": 2, "bgm.beta": 0, "invar.w_contrastive": 0, "invar.w_align": 0, "invar.w_invariance": 0}
+FRACTION = {"method.corpus_ratio", "invar.word_drop", "invar.window"}  # in [0, 1)
 LISTS = {"bgm.metrics": ("em", "f1", "rouge_l", "bleu1", "bleu4")}  # comma-separated, at least one
 
 
