@@ -136,7 +136,9 @@ class Generator(nn.Module):
             tokenizer.pad_token = tokenizer.eos_token
         # decoder-only models generate after the prompt, so they pad on the left
         tokenizer.padding_side = "right" if self.seq2seq else "left"
-        self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under peft: the LM's own forward
+        self._keeps_logits = "logits_to_keep" in inspect.signature(base.forward).parameters
+        self.adapter: str | None = None  # the LoRA adapter it runs, when its model carries several (Invar-RAG)
 
     @property
     def device(self) -> torch.device:

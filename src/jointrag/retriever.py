@@ -74,8 +74,25 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
 
+def is_decoder_only(config) -> bool:
+    """A decoder-only LM (Llama, Qwen, GPT-2...), as opposed to a BERT-like encoder: it has a causal-LM
+    head class and no masked-LM one (BERT has both), and it is not an encoder-decoder."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    kind = config.model_type
+    return (not config.is_encoder_decoder and kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+            and kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+
+
 class Encoder(nn.Module):
-    """One tower: a Hugging Face encoder, a pooling, optional L2 normalisation, a text template."""
+    """One tower: a Hugging Face encoder, a pooling, optional L2 normalisation, a text template.
+
+    A decoder-only LM is a tower too (an LLM retriever): with `append_eos`, every text ends with the
+    end-of-sequence token, whose state `last` pooling takes, since only the last token of a causal
+    model has read the whole text. Texts are right-padded, so padding never shifts positions.
+    `adapter` names the LoRA adapter the tower runs when its model carries several (Invar-RAG's shared
+    LLM): only that adapter's weights are the tower's to train and to fingerprint.
+    """
 
     def __init__(
         self,
@@ -86,6 +103,8 @@ class Encoder(nn.Module):
         pooling: str = "mean",
         normalize: bool = False,
         max_length: int = 256,
+        append_eos: bool = False,
+        adapter: str | None = None,
     ):
         super().__init__()
         if pooling not in POOLINGS:
@@ -96,6 +115,8 @@ class Encoder(nn.Module):
         self.pooling = pooling
         self.normalize = normalize
         self.max_length = max_length
+        self.append_eos = append_eos
+        self.adapter = adapter
 
     @property
     def dim(self) -> int:
@@ -107,9 +128,14 @@ class Encoder(nn.Module):
 
     def forward(self, texts: Sequence[str]) -> torch.Tensor:
         """Differentiable embeddings (n, D) of `texts`."""
-        batch = self.tokenizer(
-            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-        ).to(self.device)
+        if self.append_eos:
+            ids = self.tokenizer(list(texts), truncation=True, max_length=self.max_length - 1)["input_ids"]
+            rows = [row + [self.tokenizer.eos_token_id] for row in ids]
+            batch = self.tokenizer.pad({"input_ids": rows}, padding_side="right", return_tensors="pt")
+        else:
+            batch = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
+                                   padding_side="right", return_tensors="pt")
+        batch = batch.to(self.device)
         hidden = self.model(**batch).last_hidden_state  # (n, L, D)
         embeddings = pool(hidden, batch["attention_mask"], self.pooling)
         if self.normalize:
@@ -144,11 +170,19 @@ class Encoder(nn.Module):
 
     def fingerprint(self) -> str:
         """A hash of the weights and encoding settings: two encoders with the same fingerprint agree."""
-        digest = hashlib.sha256(f"{self.pooling}|{self.normalize}|{self.max_length}".encode())
+        digest = hashlib.sha256(f"{self.pooling}|{self.normalize}|{self.max_length}{'|eos' if self.append_eos else ''}".encode())
         for name, tensor in sorted(self.model.state_dict().items()):
+            if not runs(self, name):
+                continue
             digest.update(name.encode())
             digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
         return digest.hexdigest()[:16]
+
+
+def runs(encoder: Encoder, parameter: str) -> bool:
+    """Whether the weight named `parameter` (in `encoder.model`) shapes the encoder's output: all do,
+    except the LoRA weights of adapters other than the one the encoder runs."""
+    return encoder.adapter is None or "lora_" not in parameter or f".{encoder.adapter}." in parameter
 
 
 def load_encoder(
@@ -158,33 +192,44 @@ def load_encoder(
     normalize: bool | None = None,
     max_length: int = 256,
 ) -> Encoder:
-    """Load a tower from a hub id, a local directory or a sentence-transformers directory.
+    """Load a tower from a hub id, a local directory, a sentence-transformers directory or a GGUF file.
 
-    `None` or "all-MiniLM-L6-v2" is the offline default. Pooling and normalisation default to what a
-    sentence-transformers directory declares, else mean pooling without normalisation.
+    `None` or "all-MiniLM-L6-v2" is the offline default; "SmolLM2-135M-Instruct" is the default
+    generator as an LLM retriever. Pooling and normalisation default to what a sentence-transformers
+    directory declares; for a decoder-only LM to `last` pooling of an appended end-of-sequence token and
+    L2 normalisation; else mean pooling without normalisation.
     """
     from transformers import AutoModel, AutoTokenizer
+
+    from .generator import DEFAULT_GENERATOR, default_generator_path
 
     name = name_or_path or DEFAULT_RETRIEVER
     if name in (DEFAULT_RETRIEVER, f"sentence-transformers/{DEFAULT_RETRIEVER}"):
         path = default_retriever_path()
+    elif name == DEFAULT_GENERATOR:
+        path = default_generator_path()
     else:
         path = local_path(name, "retriever")
         name = str(path) if path.exists() else name  # an index manifest must name it from anywhere
     declared = _sentence_transformers_settings(path) if path.is_dir() else {}
-    location = str(path) if path.exists() else name
+    location, extra = (str(path.parent), {"gguf_file": path.name}) if path.suffix == ".gguf" else (str(path) if path.exists() else name, {})
     try:
-        tokenizer = AutoTokenizer.from_pretrained(location)
-        model = AutoModel.from_pretrained(location)
+        tokenizer = AutoTokenizer.from_pretrained(location, **extra)
+        model = AutoModel.from_pretrained(location, dtype=torch.float32, **extra)
     except (OSError, ValueError) as error:
         raise UserError(f"cannot load retriever '{name}': {' '.join(str(error).split())}") from None
+    llm = is_decoder_only(model.config)
+    if llm and tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    pooling = pooling or declared.get("pooling", "last" if llm else "mean")
     return Encoder(
         model,
         tokenizer,
         name=name,
-        pooling=pooling or declared.get("pooling", "mean"),
-        normalize=declared.get("normalize", False) if normalize is None else normalize,
+        pooling=pooling,
+        normalize=declared.get("normalize", llm) if normalize is None else normalize,
         max_length=max_length,
+        append_eos=llm and pooling == "last",
     )
 
 
@@ -238,6 +283,7 @@ class BiEncoder(nn.Module):
             "normalize": tower.normalize,
             "max_length": tower.max_length,
             "passage_template": self.passage_template,
+            "query_template": self.query_template,
             "dim": tower.dim,
         }
 
