@@ -211,18 +211,20 @@ def _stem(path: Path) -> str:
 # --- JSON Lines (and NQ-open) -----------------------------------------------------------------------
 
 
-def _parse_jsonl(path: Path, text: str) -> list[Example]:
-    _reject_json_document(path, text)
-    examples = []
+def jsonl_records(path: Path, text: str) -> Iterator[tuple[int, Any]]:
+    """(line number, value) of each non-blank line of the JSON Lines `text` read from `path`."""
     for line_no, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            yield line_no, json.loads(line)
         except json.JSONDecodeError as e:
             raise UserError(f"{at(path, line_no)}: invalid JSON: {e.msg}") from e
-        examples.append(_jsonl_example(path, line_no, record))
-    return examples
+
+
+def _parse_jsonl(path: Path, text: str) -> list[Example]:
+    _reject_json_document(path, text)
+    return [_jsonl_example(path, line_no, record) for line_no, record in jsonl_records(path, text)]
 
 
 def _reject_json_document(path: Path, text: str) -> None:
