@@ -164,7 +164,7 @@ class InvarConfig:
     rewrites: str | None = _field(None, "JSONL file of rewritten queries {\"id\", \"rewrite\"} used as the varied view "
                                         "where an example has one (e.g. written by an LLM); else words are dropped")
     window: float = _field(0.5, "context-window resizing: a varied passage keeps a random window of at least this share of its "
-                                "words, or (half of the time) grows by the next passage of the same title")
+                                "words, or (half of the time) grows by the next passage of the same title; 1: windows are not resized")
     adapter: str | None = _field(None, "generation stage: the retrieval-stage checkpoint whose adapter is loaded and frozen "
                                        "(the invar-rag pipeline sets RUN/retrieval/checkpoint)")
 
@@ -199,9 +199,11 @@ POSITIVE = {"method.k", "method.tau", "method.proposals", "train.steps", "train.
             "train.log_every", "eval.k", "eval.max_new_tokens", "eval.num_beams", "eval.batch_size",
             "model.max_prompt_tokens", "model.lora_r", "method.lm_k", "method.lm_tau", "method.corpus_words",
             "bgm.max_passages", "bgm.max_new_tokens", "bgm.lora_r", "bgm.max_len", "bgm.answer_tokens", "bgm.clip",
-            "bgm.epochs", "bgm.temperature", "invar.max_length", "invar.lora_r", "invar.negatives", "invar.tau", "invar.teacher_tau"}
+            "bgm.epochs", "bgm.temperature", "invar.max_length", "invar.lora_r", "invar.negatives", "invar.tau", "invar.teacher_tau",
+            "invar.window"}
 AT_LEAST = {"bgm.samples": 2, "bgm.beta": 0, "invar.w_contrastive": 0, "invar.w_align": 0, "invar.w_invariance": 0}
-FRACTION = {"method.corpus_ratio", "invar.word_drop", "invar.window"}  # in [0, 1)
+FRACTION = {"method.corpus_ratio", "invar.word_drop"}  # in [0, 1)
+AT_MOST = {"invar.window": 1}  # and positive
 LISTS = {"bgm.metrics": ("em", "f1", "rouge_l", "bleu1", "bleu4")}  # comma-separated, at least one
 
 
@@ -246,6 +248,8 @@ def _set(config, dotted: str, value, where: str) -> None:
         raise UserError(f"{where}: '{dotted}' must be positive, not {value!r}")
     if dotted in AT_LEAST and value < AT_LEAST[dotted]:
         raise UserError(f"{where}: '{dotted}' must be at least {AT_LEAST[dotted]}, not {value!r}")
+    if dotted in AT_MOST and value > AT_MOST[dotted]:
+        raise UserError(f"{where}: '{dotted}' must be at most {AT_MOST[dotted]}, not {value!r}")
     if dotted in FRACTION and not 0 <= value < 1:
         raise UserError(f"{where}: '{dotted}' must be at least 0 and below 1, not {value!r}")
     if dotted in LISTS and not (value and set(names(value)) <= set(LISTS[dotted])):

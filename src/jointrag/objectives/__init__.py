@@ -5,7 +5,8 @@ It declares what it needs (`needs_posterior`; BGM's `needs_reference`) and which
 (`trains`, a subset of {"query", "posterior", "generator"}, or {"bridge"} for BGM, whose system is a
 `bgm.BridgeSystem`; the passage tower is a run option, not a method's choice).
 `prepare` runs once before training on the examples the run will visit (RA-DIT's R-ft computes the
-frozen LM's scores there).
+frozen LM's scores there). Invar-RAG's retrieval stage (`invar.InvarRetrieval`, whose options live in
+the config's `invar` section) is built by `train.build.objective_for`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Protocol, Sequence
 from ..system import RAGSystem
 from ..types import Example, ObjectiveOutput
 from .bgm import BGMPPO, BGMSupervised
+from .invar import InvarRetrieval
 from .jsa import JSA
 from .rag import RagSequence, RagToken
 from .radit import LSR, LMFinetune
@@ -35,7 +37,8 @@ class Objective(Protocol):
 
 
 OBJECTIVES = {"rag-sequence": RagSequence, "rag-token": RagToken, "vrag": VRAG, "jsa": JSA,
-              "ra-dit-lm": LMFinetune, "ra-dit-lsr": LSR, "bgm-sl": BGMSupervised, "bgm-ppo": BGMPPO}
+              "ra-dit-lm": LMFinetune, "ra-dit-lsr": LSR,
+              "invar-retrieval": InvarRetrieval, "invar-generation": LMFinetune, "bgm-sl": BGMSupervised, "bgm-ppo": BGMPPO}
 
 
 def build_objective(name: str, *, k: int, tau: float, reduce: str, beta: float, estimator: str, candidates: str,
@@ -48,7 +51,7 @@ def build_objective(name: str, *, k: int, tau: float, reduce: str, beta: float, 
         return OBJECTIVES[name](k=k, tau=tau, reduce=reduce)
     if name == "vrag":
         return VRAG(k=k, tau=tau, reduce=reduce, beta=beta, estimator=estimator, candidates=candidates, samples=proposals)
-    if name == "ra-dit-lm":
+    if name in ("ra-dit-lm", "invar-generation"):
         return LMFinetune(k=lm_k, reduce=reduce)
     if name == "ra-dit-lsr":
         return LSR(k=k, tau=tau, lm_tau=lm_tau, form=lsr_form, reduce=reduce, scores=lm_scores)

@@ -11,21 +11,26 @@ import torch
 from torch import nn
 
 from ..bgm import BRIDGE_PLACEHOLDERS, BridgeSystem, BridgeTemplate, load_bridge
-from ..config import BgmConfig, MethodConfig, RunConfig, names
+from ..config import BgmConfig, InvarConfig, MethodConfig, RunConfig, names
 from ..data import corpus_examples, embedded_examples, load_examples
 from ..errors import UserError
 from ..generator import Generator, load_generator, with_lora
 from ..objectives import Objective, build_objective
+from ..objectives.invar import InvarRetrieval
 from ..system import RAGSystem
 from ..types import Example
 
 
 def objective_from(config: RunConfig) -> Objective:
-    return objective_for(config.method, config.bgm)
+    return objective_for(config.method, config.bgm, config.invar)
 
 
-def objective_for(m: MethodConfig, b: BgmConfig | None = None) -> Objective:
-    b = b or BgmConfig()
+def objective_for(m: MethodConfig, b: BgmConfig | None = None, i: InvarConfig | None = None) -> Objective:
+    b, i = b or BgmConfig(), i or InvarConfig()
+    if m.name == "invar-retrieval":
+        return InvarRetrieval(teacher=i.teacher, negatives=i.negatives, tau=i.tau, teacher_tau=i.teacher_tau,
+                              w_contrastive=i.w_contrastive, w_align=i.w_align, w_invariance=i.w_invariance,
+                              word_drop=i.word_drop, rewrites=i.rewrites, window=i.window)
     return build_objective(
         m.name, k=m.k, tau=m.tau, reduce=m.reduce, beta=m.beta, estimator=m.estimator,
         candidates=m.candidates, proposals=m.proposals, cache=m.cache, states=m.states, lm_k=m.lm_k,
@@ -39,6 +44,10 @@ def system_for(config: RunConfig, objective: Objective) -> nn.Module:
     """The system `objective` trains: a `BridgeSystem` for BGM, else a `RAGSystem`."""
     if "bridge" in objective.trains:
         return bridge_system_from(config, reference=objective.needs_reference)
+    if config.method.name.startswith("invar-"):
+        from .invar import invar_system_from
+
+        return invar_system_from(config)
     return system_from(config, objective.needs_posterior)
 
 
@@ -103,21 +112,27 @@ def load_weights(system: nn.Module, weights: dict, where: Path) -> None:
     system.load_state_dict(weights, strict=False)
 
 
+def unfreeze(module: nn.Module) -> None:
+    """Make `module` trainable: all its weights, or under LoRA its adapter's only (`module.adapter`, the
+    adapter it runs, when its model carries several)."""
+    adapter = getattr(module, "adapter", None)
+    lora = any("lora_" in name for name, _ in module.named_parameters())
+    for name, parameter in module.named_parameters():
+        parameter.requires_grad_(not lora or ("lora_" in name and (adapter is None or f".{adapter}." in name)))
+
+
 def set_trainable(system: nn.Module, trains: frozenset, *, passage_tower: bool) -> None:
-    """Freeze everything, then unfreeze what the method trains (a part under a LoRA adapter: the adapter only)."""
+    """Freeze everything, then unfreeze what the method trains."""
     system.requires_grad_(False)
     if "query" in trains:
-        system.retriever.query_encoder.requires_grad_(True)
+        unfreeze(system.retriever.query_encoder)
     if "posterior" in trains and system.posterior is not None:
-        system.posterior.requires_grad_(True)
+        unfreeze(system.posterior)
     if passage_tower:
-        system.retriever.passage_encoder.requires_grad_(True)
+        unfreeze(system.retriever.passage_encoder)
     for part in ("generator", "bridge"):
         if part in trains:
-            module = getattr(system, part)
-            lora = any("lora_" in name for name, _ in module.named_parameters())
-            for name, parameter in module.named_parameters():
-                parameter.requires_grad_(not lora or "lora_" in name)
+            unfreeze(getattr(system, part))
 
 
 def examples_from(config: RunConfig, corpus=None) -> tuple[list[Example], list[Example]]:

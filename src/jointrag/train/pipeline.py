@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import gc
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -48,6 +49,21 @@ def run_stage(stage: RunConfig, resume: bool) -> Path:
         Trainer(stage).run(resume=resume and checkpoint.is_dir())
         gc.collect()
     return checkpoint
+
+
+def save_combined(out: Path, stages: list[Path], index_from: Path, config: RunConfig) -> Path:
+    """out/checkpoint: the trained weights of the `stages`' checkpoints together, the index of
+    `index_from`'s and `config`, written beside the old one and swapped in."""
+    target, tmp = out / CHECKPOINT, out / f"{CHECKPOINT}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    weights = {name: w for stage in stages for name, w in torch.load(stage / "weights.pt", weights_only=True).items()}
+    torch.save(weights, tmp / "weights.pt")
+    torch.save({"index": torch.load(index_from / "trainer.pt", weights_only=False)["index"]}, tmp / "trainer.pt")
+    save_config(config, tmp / "config.yaml")
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return target
 
 
 def test_split(config: RunConfig) -> list[Example]:

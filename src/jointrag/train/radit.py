@@ -12,34 +12,18 @@ pipeline, and `--resume --set eval.decode=...` adds the table of another decoder
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
 
-from ..config import RunConfig, save_config
+from ..config import RunConfig
 from ..errors import UserError
 from .build import load_weights, system_from
-from .loop import CHECKPOINT, evaluate_system
-from .pipeline import run_stage, save_predictions, stage_config, start, test_split, write_table
+from .loop import evaluate_system
+from .pipeline import run_stage, save_combined, save_predictions, stage_config, start, test_split, write_table
 
 STAGES = (("ra-dit-lm", "lm-ft"), ("ra-dit-lsr", "r-ft"))
 ROWS = ("base", "LM-ft only", "R-ft only", "LM-ft + R-ft")
-
-
-def save_combined(config: RunConfig, lm_ft: Path, r_ft: Path) -> Path:
-    """RUN/checkpoint: LM-ft's generator weights and R-ft's query tower, written atomically."""
-    out = Path(config.out)
-    target, tmp = out / CHECKPOINT, out / f"{CHECKPOINT}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    weights = {**torch.load(lm_ft / "weights.pt", weights_only=True), **torch.load(r_ft / "weights.pt", weights_only=True)}
-    torch.save(weights, tmp / "weights.pt")
-    torch.save({"index": torch.load(r_ft / "trainer.pt", weights_only=False)["index"]}, tmp / "trainer.pt")
-    save_config(config, tmp / "config.yaml")
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
-    return target
 
 
 def run_ra_dit(config: RunConfig, resume: bool = False) -> dict:
@@ -48,7 +32,7 @@ def run_ra_dit(config: RunConfig, resume: bool = False) -> dict:
         raise UserError("ra-dit: R-ft updates the query tower only (methods.md §4); set model.train_passage_tower=false")
     out = start(config, resume, [directory for _, directory in STAGES])
     checkpoints = {directory: run_stage(stage_config(config, method, directory), resume) for method, directory in STAGES}
-    save_combined(config, checkpoints["lm-ft"], checkpoints["r-ft"])
+    save_combined(out, [checkpoints["lm-ft"], checkpoints["r-ft"]], checkpoints["r-ft"], config)  # LM-ft's generator, R-ft's query tower
     table = out / "ablation" / config.eval.decode
     rows = ablation(config, checkpoints["lm-ft"], checkpoints["r-ft"], table)
     write_table(table, f"RA-DIT ablation (test split, {config.eval.decode})", rows, ("em", "f1", "gold_recall@1", "answer_recall@1"))
