@@ -23,11 +23,17 @@ from .errors import UserError
 SKIP_ENV = "JOINTRAG_NO_MEMORY_CHECK"
 GIB = 2**30
 FLOAT32 = 4
-# Activations kept for backward, in values per token, hidden unit and layer: 34 bytes at 16 bits
-# (Korthikanti et al. 2022, "Reducing activation recomputation in large transformer models", eq. 1,
-# with memory-efficient attention, which drops its 5as/h term).
-ACTIVATION_VALUES = 17
-ANSWER_TOKENS = 32  # target tokens whose vocabulary logits a training step forms (the generator keeps only those)
+# Activations a training step keeps for backward, in bytes per token, layer and hidden unit. Measured
+# (benchmarks/memory_calibration.py; the table is in docs/performance.md): SmolLM2-135M, full
+# fine-tuning, 8 and 20 sequences of 128 to 512 prompt tokens on the CPU, at most 86 in fp32 and 72
+# under bf16 autocast (a sequence counted as its prompt and `ANSWER_TOKENS`, as the estimate counts
+# it); these values are about 11% above. Korthikanti et al. 2022 ("Reducing activation
+# recomputation in large transformer models", eq. 1) count 34 bytes at 16 bits for a GPT block; a
+# Llama block keeps more (a SwiGLU MLP, RoPE, two RMSNorms), and bf16 autocast on the CPU saves only
+# a sixth, as norms, softmax and the residual stream stay in float32. The measurements grow linearly
+# with the tokens (SDPA keeps no tokens x tokens attention matrix); eager attention would need more.
+ACTIVATION_BYTES = {"fp32": 96, "bf16": 80}
+ANSWER_TOKENS = 32  # target tokens after the prompt, whose vocabulary logits a training step forms (the generator keeps only those)
 BYTES_PER_WORD = 6  # English text, word plus space: turns a corpus size into a BM25 token count
 
 
@@ -100,15 +106,15 @@ def training_estimate(
     hidden: int, layers: int, vocab: int, lora: bool
 ) -> Estimate:
     """Memory of a training step: weights, gradients and AdamW's two moments (all in the weights'
-    dtype, `param_bytes` each), and the activations of `sequences` prompts of `tokens` tokens through
-    `layers` layers of width `hidden` (2 bytes a value under bf16 autocast, else 4), plus the float32
-    logits and log-probabilities of `ANSWER_TOKENS` target tokens over the vocabulary."""
-    value_bytes = 2 if precision == "bf16" else 4
+    dtype, `param_bytes` each), and the activations of `sequences` sequences of `tokens` prompt tokens
+    and `ANSWER_TOKENS` target tokens through `layers` layers of width `hidden` (`ACTIVATION_BYTES`
+    per token, layer and hidden unit), plus the float32 logits and log-probabilities of the target
+    tokens over the vocabulary."""
     parts = {
         "weights": parameters * param_bytes,
         "gradients": trainable * param_bytes,
         "AdamW state": 2 * trainable * param_bytes,
-        "activations": sequences * tokens * hidden * layers * ACTIVATION_VALUES * value_bytes
+        "activations": sequences * (tokens + ANSWER_TOKENS) * layers * hidden * ACTIVATION_BYTES[precision]
         + sequences * ANSWER_TOKENS * vocab * 2 * FLOAT32,
     }
     what = f"training {parameters / 1e6:,.0f}M parameters ({trainable / 1e6:,.1f}M trainable, {precision}) on {sequences} sequences of {tokens} tokens"
@@ -120,7 +126,8 @@ def training_estimate(
 def model_training_estimate(model: torch.nn.Module, *, sequences: int, tokens: int, precision: str) -> Estimate:
     """`training_estimate` for a built model: parameter counts from it, and layers, width and vocabulary
     from the largest Hugging Face model inside it (the generator). Its weights are already loaded."""
-    params = {id(p): p for p in model.parameters()}.values()
+    # an FSDP shard (a DTensor) counts as the piece this rank holds
+    params = [p.to_local() if hasattr(p, "to_local") else p for p in {id(p): p for p in model.parameters()}.values()]
     trainable = [p for p in params if p.requires_grad]
     hf = max((m for m in model.modules() if hasattr(getattr(m, "config", None), "vocab_size")),
              key=lambda m: sum(p.numel() for p in m.parameters()))
