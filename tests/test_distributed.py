@@ -5,7 +5,8 @@ The losses agree only where the objective draws no random numbers, so the equiva
 RAG-Sequence on a copy of the tiny encoder without dropout. It trains the passage tower with an index
 refresh after every step (rank 0 rebuilds, the other rank reopens), at a retriever rate high enough
 that a rank searching a stale index would change the next loss. JSA, which samples, checks the state
-that crosses ranks instead: its chain cache and the global data position.
+that crosses ranks instead: its chain cache and the global data position. With `train.fsdp` the
+generator is sharded (FSDP2) and the same equivalence holds; its checkpoint is an unsharded run's.
 """
 
 from __future__ import annotations
@@ -20,13 +21,18 @@ from pathlib import Path
 import pytest
 import torch
 
+from jointrag import distributed
 from jointrag.cli import main
+from jointrag.config import load_config
+from jointrag.errors import UserError
+from jointrag.train.loop import Trainer
 from cli_helpers import write_jsonl
 from test_train import QA, assert_complete_run, isolated_home, read_metrics, train_argv, train_lines  # noqa: F401 (a fixture)
 
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 CONSTANT = "train.schedule=constant"  # a decaying schedule depends on train.steps
 REFRESH = ("model.train_passage_tower=true", "model.refresh=0-:1", "train.lr_retriever=0.05")
+FSDP = "train.fsdp=true"
 
 
 @pytest.fixture(scope="module")
@@ -112,3 +118,52 @@ def test_a_one_process_jsa_checkpoint_resumes_on_two_ranks_with_the_whole_chain_
     assert sorted(cache) == sorted(q["id"] for q in QA) and all(0 <= row < 8 for row in cache.values())
     assert [r["step"] for r in train_lines(out)] == [1, 2]
     assert len(state["rng"]) == 2
+
+
+@pytest.fixture(scope="module")
+def fsdp(setup, tmp_path_factory) -> Path:
+    """The 2-rank run of `runs` with the generator sharded by FSDP, evaluating (every rank) before the
+    first step, after each step and at the end."""
+    root = tmp_path_factory.mktemp("fsdp")
+    torchrun(argv(setup, root / "run", "rag-sequence", 2, *REFRESH, FSDP, "train.eval_every=1"), root / "home")
+    return root / "run"
+
+
+def test_fsdp_takes_the_steps_of_one_process_and_saves_an_unsharded_checkpoint(runs, fsdp):
+    for key in ("loss", "grad_norm"):  # grad_norm: the generator's shards and the towers' whole gradients
+        expected, got = by_step(runs["straight"], key), by_step(fsdp, key)
+        assert [got[s] for s in (1, 2)] == pytest.approx([expected[s] for s in (1, 2)], rel=1e-5, abs=1e-6), key
+    assert_complete_run(fsdp, 2)
+    assert [r["step"] for r in read_metrics(fsdp) if r["split"] == "eval"] == [0, 1, 2]
+    plain, sharded = (torch.load(run / "checkpoint" / "weights.pt", weights_only=True) for run in (runs["two"], fsdp))
+    assert list(sharded) == list(plain) and any(name.startswith("generator.") for name in sharded)
+    assert all(type(w) is torch.Tensor and w.shape == plain[name].shape for name, w in sharded.items())
+    plain, sharded = (torch.load(run / "checkpoint" / "trainer.pt", weights_only=False)["optimizer"] for run in (runs["two"], fsdp))
+    assert plain["param_groups"] == sharded["param_groups"] and plain["state"].keys() == sharded["state"].keys()
+    for i, state in sharded["state"].items():
+        assert {key: (type(v), v.shape) for key, v in state.items()} == {key: (type(v), v.shape) for key, v in plain["state"][i].items()}
+
+
+def test_an_fsdp_checkpoint_resumes_in_one_process_where_fsdp_is_a_no_op(setup, runs, fsdp, tmp_path, capsys):
+    resumed = tmp_path / "resumed"
+    shutil.copytree(fsdp, resumed)
+    assert main(argv(setup, resumed, "rag-sequence", 4, "train.batch_size=4", *REFRESH, FSDP) + ["--resume"]) == 0
+    assert "train.fsdp has no effect in one process" in capsys.readouterr().err
+    expected, got = by_step(runs["straight"], "loss"), by_step(resumed, "loss")
+    assert [got[s] for s in (3, 4)] == pytest.approx([expected[s] for s in (3, 4)], rel=1e-5, abs=1e-6)
+
+
+def test_a_checkpoint_resumes_on_two_ranks_with_fsdp(setup, runs, fsdp, tmp_path):
+    """The FSDP run's checkpoint (whole tensors) is cut into shards again and continues the trajectory."""
+    resumed = tmp_path / "resumed"
+    shutil.copytree(fsdp, resumed)
+    torchrun(argv(setup, resumed, "rag-sequence", 4, *REFRESH, FSDP) + ["--resume"], tmp_path / "home")
+    expected, got = by_step(runs["straight"], "loss"), by_step(resumed, "loss")
+    assert [got[s] for s in (3, 4)] == pytest.approx([expected[s] for s in (3, 4)], rel=1e-5, abs=1e-6)
+
+
+def test_fsdp_refuses_methods_that_run_the_generator_a_varying_number_of_times(monkeypatch):
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    for sets in (["method.name=jsa"], ["method.name=vrag", "method.estimator=sample"]):
+        with pytest.raises(UserError, match="train.fsdp: every rank must run the sharded generator equally often"):
+            Trainer(load_config(None, sets + [FSDP]))

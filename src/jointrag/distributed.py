@@ -11,6 +11,14 @@ generator log-probabilities) and never its `forward()`; most of the system is fr
 parameters receive a gradient changes from batch to batch (JSA trains the generator on the sampled
 passages only). One averaging all-reduce per optimiser step is exact for all of that, and with
 gradient accumulation it runs once per step, as DDP's `no_sync` would.
+
+With `train.fsdp` the generator is sharded instead (`shard_module`: PyTorch's FSDP2, `fully_shard`):
+each rank holds 1/N of its weights, gradients and AdamW moments as DTensor shards, FSDP gathers a
+block's weights for its forward and backward and reduce-scatters (averages) its gradients itself, so
+`average_gradients` leaves sharded parameters alone and `clip_grad_norm` sums their squared gradients
+over the ranks. Checkpoints hold whole tensors (`gathered`, collective) and are cut back into shards
+on loading (`shard_like`, `shard_optimizer_state`), so they load with or without FSDP, on any number
+of ranks.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from .errors import UserError
 
@@ -85,9 +94,11 @@ def broadcast_parameters(parameters: list[torch.Tensor]) -> None:
 
 
 def average_gradients(parameters: list[torch.Tensor]) -> None:
-    """Replace each gradient by its mean over ranks; a parameter without a gradient on a rank counts as zero."""
+    """Replace each gradient by its mean over ranks; a parameter without a gradient on a rank counts as
+    zero. FSDP shards are skipped: FSDP has averaged their gradients in the backward pass."""
     if not active():
         return
+    parameters = [p for p in parameters if not isinstance(p, DTensor)]
     for p in parameters:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
@@ -96,6 +107,86 @@ def average_gradients(parameters: list[torch.Tensor]) -> None:
         work.wait()
     for p in parameters:
         p.grad.div_(world_size())
+
+
+def shard_module(model: torch.nn.Module) -> torch.nn.Module:
+    """Shard `model` (a Hugging Face model, or a PEFT model around one) over the ranks with FSDP2, and
+    return the sharded root. Each transformer block (the classes in the model's `_no_split_modules`)
+    is one unit, gathered for its forward and its backward and freed after; the rest (embeddings, tied
+    head, final norm) is the root's, which FSDP keeps whole from its forward to the end of its backward
+    (which needs it first), or from an explicit `root.unshard()` to the next backward. Parameter names
+    do not change. Every rank must then run `model` the same number of times."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    if hasattr(model, "get_base_model"):  # PEFT: its generate() calls the inner model, whose hooks must gather
+        model = model.get_base_model()
+    blocks = set(getattr(model, "_no_split_modules", None) or ())
+    for module in model.modules():
+        if type(module).__name__ in blocks:
+            fully_shard(module)
+    fully_shard(model)
+    # FSDP takes the first module to run forward as the root; an encoder-decoder's generate() runs
+    # its encoder's blocks first, so make `model` the root now
+    fully_shard.state(model)._lazy_init()
+    # and gather each unit once now, so that its whole-weight buffers are not made under generate()'s
+    # inference mode, where they could not be written by training afterwards
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.unshard()
+            module.reshard()
+    return model
+
+
+def clip_grad_norm(parameters: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """`torch.nn.utils.clip_grad_norm_` over parameters of which some may be FSDP shards: each rank
+    holds another piece of those, so their squared gradients are summed over the ranks; the others'
+    gradients are whole and alike on every rank (after `average_gradients`). Returns the total norm."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not any(isinstance(g, DTensor) for g in grads):
+        return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+    with torch.no_grad():
+        pieces = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+        squares = [g.float().pow(2).sum() for g in pieces]
+        sharded = torch.stack([s for s, g in zip(squares, grads) if isinstance(g, DTensor)]).sum()
+        dist.all_reduce(sharded)
+        whole = sum((s for s, g in zip(squares, grads) if not isinstance(g, DTensor)), torch.zeros((), device=sharded.device))
+        total = (sharded + whole).sqrt()
+        scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)  # as torch's clip_grad_norm_
+        for g in pieces:
+            g.mul_(scale.to(g.device, g.dtype))
+    return total
+
+
+def gathered(value):
+    """`value` (a tensor, or dicts, lists and tuples holding tensors, such as a state dict) with each
+    FSDP shard replaced by its whole tensor. Collective when it holds shards: every rank calls it."""
+    if isinstance(value, DTensor):
+        return value.full_tensor()
+    if isinstance(value, dict):
+        return {key: gathered(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(gathered(item) for item in value)
+    return value
+
+
+def shard_like(value: torch.Tensor, reference: torch.Tensor | None) -> torch.Tensor:
+    """`value`, a whole tensor shaped like `reference`, cut as `reference` is if that is an FSDP shard
+    (each rank keeps its own piece of its copy: no communication); else `value` itself."""
+    if not isinstance(reference, DTensor):
+        return value
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(value.detach().to(reference.device, reference.dtype), reference.device_mesh, reference.placements, src_data_rank=None)
+
+
+def shard_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """After `optimizer.load_state_dict` of a whole state (a checkpoint's), cut each FSDP-sharded
+    parameter's state tensors (AdamW's moments) as the parameter is cut."""
+    for p in (p for group in optimizer.param_groups for p in group["params"] if isinstance(p, DTensor)):
+        state = optimizer.state.get(p, {})
+        for key, value in state.items():
+            if torch.is_tensor(value) and not isinstance(value, DTensor) and value.shape == p.shape:  # not AdamW's step
+                state[key] = shard_like(value, p)
 
 
 def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:

@@ -13,6 +13,14 @@ takes with N times the batch (the same losses wherever the objective draws no ra
 Gradients and logged metrics are averaged over ranks; rank 0 alone evaluates, rebuilds the index and
 writes metrics, TensorBoard, plots and checkpoints. The data position is global and the objective's
 per-example state is kept whole on every rank, so a checkpoint resumes on any number of ranks.
+
+`train.fsdp` shards the generator over the ranks (FSDP2, `distributed.shard_module`) instead of
+replicating it; the query and posterior towers keep the gradient all-reduce. A sharded generator's
+forward is collective, so every rank must run it equally often: FSDP serves the methods that score
+all K candidates in one pass per micro-batch (`FSDP_METHODS`; not JSA or VRAG's sampled estimator,
+whose passes depend on what each rank drew), and every rank evaluates (rank 0 records). Checkpoints
+gather the whole weights and optimiser state, so they are the ones an unsharded run writes. In one
+process `train.fsdp` has nothing to shard and is ignored, with a notice.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import json
 import math
 import random
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -41,6 +50,7 @@ from .build import bridge_system_from, examples_from, load_weights, objective_fr
 
 CHECKPOINT = "checkpoint"
 DISTRIBUTED_METHODS = ("rag-sequence", "rag-token", "vrag", "jsa")
+FSDP_METHODS = ("rag-sequence", "rag-token", "vrag")  # one generator pass per micro-batch on every rank
 
 
 class Sampler:
@@ -125,7 +135,8 @@ def _set_rng_state(state: dict) -> None:
 
 
 def trained_weights(system) -> dict:
-    return {name: p.detach().cpu() for name, p in system.named_parameters() if p.requires_grad}
+    """The trained parameters, whole (collective when FSDP shards some: every rank calls it)."""
+    return {name: distributed.gathered(p).detach().cpu() for name, p in system.named_parameters() if p.requires_grad}
 
 
 def evaluate_system(system, config: RunConfig, examples: list[Example]) -> tuple[list[dict], dict]:
@@ -148,10 +159,19 @@ class Trainer:
         self.out = Path(config.out)
         if distributed.world_size() > 1 and config.method.name not in DISTRIBUTED_METHODS:
             raise UserError(f"method '{config.method.name}' trains in one process; torchrun runs {', '.join(DISTRIBUTED_METHODS)}")
+        self.fsdp = config.train.fsdp and distributed.world_size() > 1
+        if self.fsdp and (config.method.name not in FSDP_METHODS or config.method.estimator != "enumerate"):
+            raise UserError(f"train.fsdp: every rank must run the sharded generator equally often, which {', '.join(FSDP_METHODS)} "
+                            f"(VRAG with method.estimator=enumerate) do and '{config.method.name}' does not; train it without FSDP")
+        if config.train.fsdp and not self.fsdp:
+            print("jointrag: train.fsdp has no effect in one process: the generator trains unsharded", file=sys.stderr)
         _seed(config.train.seed)
         self.objective = objective_from(config)
         self.system = system_for(config, self.objective)
         set_trainable(self.system, self.objective.trains, passage_tower=config.model.train_passage_tower)
+        distributed.broadcast_parameters([p for p in self.system.parameters() if p.requires_grad])  # start alike
+        if self.fsdp:  # before the memory check and the optimiser
+            self.sharded_generator = distributed.shard_module(self.system.generator.model)
         self.train_examples, self.dev_examples = examples_from(config, self.system.index.corpus)
         self.sampler = Sampler(self.train_examples, config.train.seed)
         self.precision = resolve_precision(config.train.precision, self.system.generator.device)
@@ -171,7 +191,6 @@ class Trainer:
         groups = [{"params": [p for p in trainable if part(p) == group], "lr": lr, "name": group} for group, lr in rates.items()]
         self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=config.train.weight_decay)
         self.parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
-        distributed.broadcast_parameters(self.parameters)
         if distributed.rank():  # the ranks start alike, then sample independently
             _seed(config.train.seed + distributed.rank())
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -184,20 +203,23 @@ class Trainer:
     # checkpoints
 
     def save(self) -> None:
-        """Rank 0 writes the checkpoint (every rank's RNG state included) while the others wait."""
+        """Rank 0 writes the checkpoint (every rank's RNG state included) while the others wait; under
+        FSDP every rank first takes part in gathering the whole weights and optimiser state."""
         rng = distributed.all_gather(_rng_state())
+        if self.fsdp or distributed.is_main():
+            weights, optimizer = trained_weights(self.system), distributed.gathered(self.optimizer.state_dict())
         if distributed.is_main():
-            self._write_checkpoint(rng)
+            self._write_checkpoint(rng, weights, optimizer)
         distributed.barrier()
 
-    def _write_checkpoint(self, rng: list[dict]) -> None:
+    def _write_checkpoint(self, rng: list[dict], weights: dict, optimizer: dict) -> None:
         target, tmp = self.out / CHECKPOINT, self.out / f"{CHECKPOINT}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        torch.save(trained_weights(self.system), tmp / "weights.pt")
+        torch.save(weights, tmp / "weights.pt")
         torch.save({
             "step": self.step,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer,
             "scheduler": self.scheduler.state_dict(),
             "rng": rng,
             "sampler": self.sampler.state_dict(),
@@ -218,9 +240,12 @@ class Trainer:
 
     def resume(self) -> None:
         directory = self.out / CHECKPOINT
-        load_weights(self.system, torch.load(directory / "weights.pt", weights_only=True), directory)
+        parameters = dict(self.system.named_parameters())
+        weights = torch.load(directory / "weights.pt", weights_only=True)  # whole tensors: cut them as FSDP cut ours
+        load_weights(self.system, {name: distributed.shard_like(w, parameters.get(name)) for name, w in weights.items()}, directory)
         state = torch.load(directory / "trainer.pt", weights_only=False)
         self.optimizer.load_state_dict(state["optimizer"])
+        distributed.shard_optimizer_state(self.optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
         # the optimiser state holds the rates of the saved run's schedule, which depends on train.steps;
         # a resumed run may extend it, so set this step's rates from the schedule of this run
@@ -282,13 +307,16 @@ class Trainer:
     # evaluation
 
     def evaluate(self) -> dict:
-        """Dev metrics, computed by rank 0 while the other ranks wait (they get {})."""
+        """Dev metrics, computed by rank 0 while the other ranks wait (they get {}); under FSDP every rank
+        computes them alike, since a sharded generator's forward needs every rank."""
         values = {}
-        if distributed.is_main():
+        if distributed.is_main() or self.fsdp:
+            if self.fsdp:  # the root's weights (embeddings, head) whole until the next backward: an
+                self.sharded_generator.unshard()  # encoder-decoder's generate() runs its encoder outside the root's forward
             self.system.eval()
             _, result = evaluate_system(self.system, self.config, self.dev_examples)
             self.system.train()
-            values = {key: value for key, value in result.items() if isinstance(value, float)}
+            values = {key: value for key, value in result.items() if isinstance(value, float)} if distributed.is_main() else {}
         distributed.barrier()
         return values
 
@@ -350,7 +378,7 @@ class Trainer:
                     for key, value in output.metrics.items():
                         pending.setdefault(key, []).append(value)
                 distributed.average_gradients(self.parameters)
-                norm = torch.nn.utils.clip_grad_norm_(self.parameters, c.max_grad_norm if c.max_grad_norm > 0 else float("inf"))
+                norm = distributed.clip_grad_norm(self.parameters, c.max_grad_norm if c.max_grad_norm > 0 else float("inf"))
                 self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
