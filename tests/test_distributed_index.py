@@ -1,8 +1,10 @@
 """Tests for jointrag.distributed_index: sharding, the top-k merge, and 2 gloo processes under torchrun
-searching exactly as one process does (random vectors and the tiny encoder, uneven shards, k above a shard)."""
+searching exactly as one process does (random vectors and the tiny encoder, uneven shards, k above a shard)
+and building with `jointrag index` the index directory one process builds."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -12,9 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cli_helpers import write_jsonl
+from jointrag.cli import main
 from jointrag.distributed_index import ShardedIndex, merge_topk, shard_rows
 from jointrag.errors import UserError
-from jointrag.index import ExactIndex, build_index
+from jointrag.index import EMBEDDINGS, MANIFEST, ExactIndex, RetrievalIndex, build_index
 from jointrag.retriever import load_retriever
 
 from conftest import PASSAGES
@@ -128,3 +132,44 @@ def test_two_processes_search_as_one(tmp_path, tiny_dir):
             scores, rows = index.search_embeddings(text_queries, k)
             np.testing.assert_array_equal(joined(f"{name}-{k}-rows", order), rows)
             np.testing.assert_allclose(joined(f"{name}-{k}-scores", order), scores, rtol=1e-5, atol=1e-6)
+
+
+def torchrun_index(*args) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node=2 -m jointrag index ARGS` on the CPU."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node=2", "-m", "jointrag", "index", *map(str, args)],
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_two_ranks_build_the_index_one_process_builds(tmp_path, tiny_dir):
+    """A flat index of 7 passages (shards of 4 and 3): the same corpus store, manifest (but the build
+    time), embeddings up to rounding and search results; only rank 0 reports."""
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"id": p.id, "title": p.title, "text": p.text} for p in PASSAGES[:7]])
+    args = ["--corpus", corpus, "--retriever", tiny_dir / "encoder", "--kind", "flat", "--precision", "fp32", "--batch-size", "2"]
+    assert main(["index", *map(str, args), "--out", str(tmp_path / "one")]) == 0
+    done = torchrun_index(*args, "--out", tmp_path / "two")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("built a flat index of 7 passages") == 1
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert sorted(p.name for p in one.iterdir()) == sorted(p.name for p in two.iterdir())
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary directory left
+    manifests = [json.loads((d / MANIFEST).read_text()) for d in (one, two)]
+    assert [{k: v for k, v in m.items() if k != "build_seconds"} for m in manifests] == [
+        {k: v for k, v in manifests[0].items() if k != "build_seconds"}] * 2
+    for name in (p.name for p in one.iterdir() if p.name not in (MANIFEST, EMBEDDINGS, "index.faiss")):
+        assert (one / name).read_bytes() == (two / name).read_bytes(), name
+    np.testing.assert_allclose(np.load(two / EMBEDDINGS), np.load(one / EMBEDDINGS), rtol=1e-5, atol=1e-6)
+    retriever = load_retriever(str(tiny_dir / "encoder"))
+    found = [RetrievalIndex.open(d, retriever).search(QUESTIONS, 7) for d in (one, two)]
+    np.testing.assert_array_equal(found[1][1], found[0][1])
+    np.testing.assert_allclose(found[1][0], found[0][0], rtol=1e-5, atol=1e-6)
+
+
+def test_two_ranks_report_a_user_error_and_leave_nothing(tmp_path, tiny_dir):
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"id": p.id, "title": p.title, "text": p.text} for p in PASSAGES])
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("not an index")
+    done = torchrun_index("--corpus", corpus, "--retriever", tiny_dir / "encoder", "--out", tmp_path / "taken")
+    assert done.returncode != 0
+    assert done.stderr.count("jointrag: error: ") == 2 and "is not an index directory" in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.jsonl", "taken"]

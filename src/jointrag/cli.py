@@ -16,6 +16,7 @@ from pathlib import Path
 from .errors import UserError
 
 EXIT_USER_ERROR = 2
+INDEX_DIST_TIMEOUT = 3600  # seconds a rank of `torchrun ... index` waits for the others (rank 0 stores the corpus alone)
 PIPELINE_OUTPUTS = {  # what the two-stage methods write, besides their stages' runs
     "ra-dit": "checkpoint (LM-ft + R-ft), lm-ft/, r-ft/ and ablation/{decode}/",
     "bgm": "sl/, ppo/ (ppo/checkpoint is the trained bridge), silver.jsonl and bgm/",
@@ -56,9 +57,12 @@ def parse_params(pairs: list[str]) -> dict:
     return params
 
 
-def build(args) -> "RetrievalIndex":  # noqa: F821 (imported lazily to keep --help fast)
+def build(args, sharded: bool = False) -> "RetrievalIndex | None":  # noqa: F821 (imported lazily to keep --help fast)
+    """The index `args` describe; `sharded`: under torchrun, every rank encodes its share of the corpus
+    and only rank 0 gets the index (`distributed_index.build_index_sharded`)."""
     from .corpus import chunk_passages, read_passages
     from .data import EMBEDDED_SQUAD
+    from .distributed_index import build_index_sharded
     from .index import build_index
     from .retriever import load_retriever
 
@@ -69,7 +73,7 @@ def build(args) -> "RetrievalIndex":  # noqa: F821 (imported lazily to keep --he
     if args.chunk_words:
         passages = chunk_passages(passages, args.chunk_words)
     retriever = None if args.kind == "bm25" else load_retriever(args.retriever)
-    return build_index(
+    return (build_index_sharded if sharded else build_index)(
         passages,
         Path(args.out) if args.out else default_index_dir(),
         retriever=retriever,
@@ -158,7 +162,12 @@ def print_table(metrics: dict) -> None:
 
 
 def cmd_index(args) -> None:
-    index = build(args)
+    from .distributed import process_group
+
+    with process_group(INDEX_DIST_TIMEOUT):  # under torchrun: every rank encodes its share of the corpus
+        index = build(args, sharded=True)
+    if index is None:  # not rank 0
+        return
     summary = {"index": str(index.directory), **{k: index.manifest[k] for k in ("kind", "count", "build_seconds")}}
     print(json.dumps(summary) if args.json else f"built a {summary['kind']} index of {summary['count']} passages in {summary['index']} ({summary['build_seconds']} s)")
 

@@ -10,23 +10,39 @@ Results are ordered by score, then by row (`merge_topk`), so they do not depend 
 ranks, and they equal one process's search. Works with gloo (CPU tensors) and nccl (CUDA tensors);
 without an initialised process group it is a single-process index over the whole corpus.
 
+`build_index_sharded` is `index.build_index` with the encoding spread over the ranks (`jointrag index`
+under torchrun): rank 0 stores the corpus and checks the memory, every rank encodes its rows straight
+into the one embeddings file, and rank 0 builds the faiss structure and writes the manifest last. The
+directory is the one a single process builds.
+
 Shapes: n this rank's queries, Q all ranks' queries, W ranks, k results, D embedding size.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import time
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm.auto import tqdm
 
-from .corpus import Corpus
+from . import __version__, distributed
+from .corpus import ARROW_NAME, Corpus
 from .errors import UserError
-from .index import EMBEDDINGS, ExactIndex, FaissIndex, check_encoder, encode_corpus, read_manifest
+from .index import (
+    EMBEDDINGS, KINDS, MANIFEST, ExactIndex, FaissIndex, RetrievalIndex, _replace_directory, build_index, check_encoder,
+    encode_corpus, read_manifest,
+)
 from .memory import check_memory, index_estimate
 from .retriever import BiEncoder
+from .runtime import resolve_precision
+from .types import Passage
 
 SHARD_KINDS = ("exact", "flat")
 
@@ -128,3 +144,90 @@ class ShardedIndex:
         mine_only = slice(start, start + len(mine))
         candidates = [np.concatenate([t[mine_only].cpu().numpy() for t in gathered], 1) for gathered in (all_scores, all_rows)]
         return merge_topk(*candidates, k)  # (n, W * k) -> (n, k)
+
+
+def build_index_sharded(
+    passages: Iterable[Passage], out: Path | str, *, retriever: BiEncoder | None, kind: str = "exact", params: dict | None = None,
+    batch_size: int = 64, precision: str = "auto", source: str | None = None, memory_check: bool = True, chunk: int = 8192,
+) -> RetrievalIndex | None:
+    """`index.build_index` over the ranks of the default process group; collective. Rank 0 stores the
+    corpus in a temporary sibling of `out`, checks the memory and creates the (N, D) embeddings file;
+    each rank encodes its `shard_rows` of the stored corpus into that file, `chunk` passages at a time;
+    after a barrier rank 0 alone builds the faiss structure, writes the manifest and moves the directory
+    into place, while the other ranks are done. `out` must be on a filesystem every rank sees. The
+    result equals one process's build, embeddings up to rounding (a rank batches only its own rows).
+    Returns the index on rank 0 and None on the others; one process (or bm25): `build_index` itself."""
+    rank, world = _rank_world(None)
+    if world == 1 or kind == "bm25":
+        return build_index(passages, out, retriever=retriever, kind=kind, params=params, batch_size=batch_size,
+                           precision=precision, source=source, memory_check=memory_check) if rank == 0 else None
+    started = time.time()
+    out = Path(out).resolve()
+    job = None
+    if rank == 0:
+        try:
+            job = _stage(passages, out, retriever, kind, params, memory_check)
+        except UserError as error:
+            job = {"error": str(error)}
+    job = distributed.from_main(job)
+    if "error" in job:
+        raise UserError(job["error"])
+    tmp = Path(job["tmp"])
+    if not (tmp / EMBEDDINGS).is_file():
+        raise UserError(f"rank {rank} does not see {tmp}, which rank 0 made: --out must be on a filesystem every node shares")
+    try:
+        corpus, embeddings = Corpus.open(tmp), np.load(tmp / EMBEDDINGS, mmap_mode="r+")
+        rows, tower = shard_rows(len(corpus), rank, world), retriever.passage_encoder
+        precision = resolve_precision(precision, tower.device)
+        with tqdm(total=len(rows), unit="passage", desc=f"encoding corpus (rank 0 of {world})", dynamic_ncols=True, disable=rank != 0) as bar:
+            for start in range(rows.start, rows.stop, chunk):
+                part = range(start, min(start + chunk, rows.stop))
+                embeddings[part.start : part.stop] = tower.encode(retriever.passage_texts(corpus.get(part)), batch_size, precision, bar.update)
+        embeddings.flush()
+        del embeddings
+        distributed.barrier()
+        if rank:
+            return None
+        embeddings = np.load(tmp / EMBEDDINGS, mmap_mode="r")
+        if kind != "exact":
+            FaissIndex.build(embeddings, kind, job["params"]).save(tmp)
+        manifest = {  # build_index's, in its order
+            "format": 1, "kind": kind, "count": len(corpus), "precision": precision, "encoder": retriever.identity(),
+            "dim": int(embeddings.shape[1]), "params": job["params"],
+            "corpus": {"fingerprint": corpus.fingerprint, "count": len(corpus), "source": source},
+            "build_seconds": round(time.time() - started, 1), "jointrag_version": __version__,
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        _replace_directory(tmp, out)
+    except BaseException:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return RetrievalIndex.open(out, retriever)
+
+
+def _stage(passages: Iterable[Passage], out: Path, retriever: BiEncoder | None, kind: str, params: dict | None, memory_check: bool) -> dict:
+    """Rank 0's part before the encoding, as in `build_index`: check the settings, store the corpus in
+    a temporary sibling of `out`, check the memory, create the embeddings file. {"tmp", "params"}."""
+    if kind not in KINDS:
+        raise UserError(f"index kind must be one of {', '.join(KINDS)}, not '{kind}'")
+    if retriever is None:
+        raise UserError(f"a '{kind}' index needs a retriever to encode the corpus")
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).is_file())):
+        raise UserError(f"{out} exists and is not an index directory; choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        corpus, dim = Corpus.build(passages, tmp), retriever.passage_encoder.dim
+        params = {**FaissIndex.default_params(kind, len(corpus), dim), **(params or {})}
+        if kind != "exact":
+            FaissIndex.check_params(kind, params, len(corpus), dim)
+        if memory_check:
+            check_memory(index_estimate(kind, len(corpus), dim, params, text_bytes=(tmp / ARROW_NAME).stat().st_size))
+        np.lib.format.open_memmap(tmp / EMBEDDINGS, mode="w+", dtype=np.float32, shape=(len(corpus), dim)).flush()
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"tmp": str(tmp), "params": params}
