@@ -281,3 +281,15 @@ def test_pipeline_checkpoint_answers_and_refuses_a_second_run(capsys, pipeline_r
     assert json.loads(out)["examples"] == len(QA)
     assert_user_error(capsys, "train", "--method", "invar-rag", "--data", files["qa"], "--out", pipeline_run,
                       names=("--resume",))
+
+
+def test_the_memory_check_counts_what_each_stage_runs(files, index_dir, tiny_dir, tmp_path, monkeypatch):
+    from jointrag.train import loop
+
+    seen = []
+    monkeypatch.setattr(loop, "check_training_memory", lambda system, **kwargs: seen.append(kwargs))
+    trainer(invar_config(files, index_dir, tiny_dir, tmp_path, "invar-retrieval", "invar.max_length=40"))
+    assert (seen[-1]["k"], seen[-1]["tokens"]) == (2 * (2 + 2), 40)  # queries and 1 + 2 candidates, both views
+    trainer(invar_config(files, index_dir, tiny_dir, tmp_path, "ra-dit-lm", "method.lm_k=2", f"model.index={index_dir}",
+                         "model.train_passage_tower=false"))
+    assert (seen[-1]["k"], seen[-1]["tokens"]) == (2, 512)  # LM-ft: k' prompts of model.max_prompt_tokens

@@ -5,7 +5,9 @@ It declares what it needs (`needs_posterior`; BGM's `needs_reference`) and which
 (`trains`, a subset of {"query", "posterior", "generator"}, or {"bridge"} for BGM, whose system is a
 `bgm.BridgeSystem`; the passage tower is a run option, not a method's choice).
 `prepare` runs once before training on the examples the run will visit (RA-DIT's R-ft computes the
-frozen LM's scores there). Invar-RAG's retrieval stage (`invar.InvarRetrieval`, whose options live in
+frozen LM's scores there). An objective whose examples do not each put K prompts through the model
+says what they do put through in `footprint(system) -> (sequences, tokens or None)`, for the memory
+check. Invar-RAG's retrieval stage (`invar.InvarRetrieval`, whose options live in
 the config's `invar` section) is built by `train.build.objective_for`.
 """
 

@@ -101,6 +101,11 @@ class InvarRetrieval(Stateless):
             raise UserError(f"invar.teacher: {self.small.directory} indexes another corpus than {system.index.directory}")
         self.rewritten = read_rewrites(Path(self.rewrites)) if self.rewrites else {}
 
+    def footprint(self, system: RAGSystem) -> tuple[int, int]:
+        """Sequences per example for the memory check: the query and its candidates, in both views; at
+        most the retriever's `max_length` tokens each."""
+        return 2 * (2 + self.negatives), system.retriever.query_encoder.max_length
+
     def candidates(self, system: RAGSystem, batch: Sequence[Example]) -> tuple[np.ndarray, torch.Tensor]:
         """Each query's positive (column 0, -1 if none) and hard negatives (B, 1 + negatives), -1 padded,
         and the small encoder's scores of them (B, 1 + negatives)."""

@@ -45,6 +45,10 @@ class LMFinetune(Stateless):
     needs_posterior: bool = field(default=False, init=False)
     trains: frozenset = field(default=frozenset({"generator"}), init=False)
 
+    def footprint(self, system: RAGSystem) -> tuple[int, None]:
+        """k' prompts per example (the memory check's count; their length is the prompt limit)."""
+        return self.k, None
+
     def __call__(self, system: RAGSystem, batch: Sequence[Example]) -> ObjectiveOutput:
         answers = [e.answers[0] for e in batch]
         rows = system.search([e.question for e in batch], self.k)  # (B, k')

@@ -175,8 +175,10 @@ class Trainer:
         self.train_examples, self.dev_examples = examples_from(config, self.system.index.corpus)
         self.sampler = Sampler(self.train_examples, config.train.seed)
         self.precision = resolve_precision(config.train.precision, self.system.generator.device)
-        check_training_memory(self.system, batch_size=config.train.batch_size, k=config.method.k,
-                              tokens=config.model.max_prompt_tokens, precision=self.precision)
+        # sequences a training example puts through the model, and their tokens: K prompts, unless the objective says
+        per_example, tokens = self.objective.footprint(self.system) if hasattr(self.objective, "footprint") else (None, None)
+        check_training_memory(self.system, batch_size=config.train.batch_size, k=per_example or config.method.k,
+                              tokens=tokens or config.model.max_prompt_tokens, precision=self.precision)
         rates = {"generator": config.train.lr_generator, "retriever": config.train.lr_retriever, "bridge": config.train.lr_bridge}
 
         # a parameter belongs to the generator or the bridge if that part owns it and trains, else to the
