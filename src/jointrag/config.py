@@ -145,7 +145,8 @@ class InvarConfig:
     """Invar-RAG (methods.md §6): the LLM retriever (a LoRA adapter on the generator's base model), its
     three losses (retrieval stage), and the generation adapter (generation stage)."""
 
-    pooling: str = _field("last", "LLM retriever pooling: 'last' (the state of an end-of-sequence token appended to the text) or 'mean'")
+    pooling: str = _field("mean", "LLM retriever pooling: 'mean' of the token states, or 'last' (the state of an end-of-sequence token appended to "
+                                  "the text, as RepLLaMA; it needs long training: the base SmolLM2-135M retrieved nothing with it)")
     query_template: str = _field("query: {question}", "text the LLM retriever reads for a query (instruction prefix)")
     passage_template: str = _field("passage: {title}. {text}", "text the LLM retriever reads for a passage (instruction prefix)")
     max_length: int = _field(256, "LLM retriever: tokens read per text at most")
