@@ -293,3 +293,15 @@ def test_the_memory_check_counts_what_each_stage_runs(files, index_dir, tiny_dir
     trainer(invar_config(files, index_dir, tiny_dir, tmp_path, "ra-dit-lm", "method.lm_k=2", f"model.index={index_dir}",
                          "model.train_passage_tower=false"))
     assert (seen[-1]["k"], seen[-1]["tokens"]) == (2, 512)  # LM-ft: k' prompts of model.max_prompt_tokens
+
+
+def test_pipeline_resume_skips_finished_stages_and_evaluates_the_same_models(pipeline_run, monkeypatch):
+    from jointrag.config import load_config
+    from jointrag.train import loop, train
+
+    def no_training(self, resume=False):
+        raise AssertionError("a finished stage was trained again")
+
+    monkeypatch.setattr(loop.Trainer, "run", no_training)
+    rows = json.loads((pipeline_run / "table" / "top1" / "table.json").read_text())
+    assert train(load_config(str(pipeline_run / "config.yaml")), resume=True) == rows

@@ -116,6 +116,7 @@ def resolve_index(index: str | None, retriever_name: str | None = None, params: 
             normalize=encoder["normalize"],
             max_length=encoder["max_length"],
             passage_template=encoder["passage_template"],
+            query_template=encoder.get("query_template", "{question}"),  # recorded since LLM retrievers (instruction prefixes)
         )
     return RetrievalIndex.open(directory, retriever, params or {})
 
