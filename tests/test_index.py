@@ -403,3 +403,103 @@ def test_faiss_padding_is_minus_infinity():
     embeddings = np.random.default_rng(0).standard_normal((5, 8)).astype(np.float32)
     scores, ids = FaissIndex.build(embeddings, "flat", {}).search(embeddings[:2], 8)
     assert (ids[:, 5:] == -1).all() and np.isneginf(scores[:, 5:]).all()
+
+
+# --- IVF-PQ re-ranking and training sample ------------------------------------------------------
+
+
+def clustered_vectors(count: int, dim: int = 32, clusters: int = 20, queries: int = 50, seed: int = 0):
+    """Unit vectors in Gaussian clusters, and queries near (not at) corpus vectors."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, dim)).astype(np.float32)
+    x = centres[rng.integers(0, clusters, count)] + 0.6 * rng.standard_normal((count, dim)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    q = x[rng.integers(0, count, queries)] + 0.3 * rng.standard_normal((queries, dim)).astype(np.float32)
+    return x, q / np.linalg.norm(q, axis=1, keepdims=True)
+
+
+def recall_at(ids: np.ndarray, exact_ids: np.ndarray) -> float:
+    return float(np.mean([len(set(a) & set(b)) / len(b) for a, b in zip(ids.tolist(), exact_ids.tolist())]))
+
+
+def test_ivfpq_reranking_raises_recall_and_returns_exact_scores():
+    from jointrag.index import FaissIndex
+
+    x, q = clustered_vectors(4000)
+    params = FaissIndex.default_params("ivfpq", len(x), x.shape[1])
+    assert params["rerank"] == FaissIndex.RERANK > 0  # on by default
+    index = FaissIndex.build(x, "ivfpq", params)
+    exact_ids = ExactIndex(x).search(q, 10)[1]
+    scores, ids = index.search(q, 10)
+    index.configure({**params, "rerank": 0})
+    approx_scores, approx_ids = index.search(q, 10)
+    assert recall_at(ids, exact_ids) >= recall_at(approx_ids, exact_ids)
+    assert recall_at(ids, exact_ids) > 0.9
+    np.testing.assert_allclose(scores, np.einsum("nd,nkd->nk", q, x[ids]), rtol=1e-5, atol=1e-6)  # exact, not PQ, scores
+    assert (np.diff(scores, axis=1) <= 0).all()
+    assert not np.allclose(approx_scores, np.einsum("nd,nkd->nk", q, x[approx_ids]), atol=1e-3)  # PQ scores are approximate
+
+
+def test_ivfpq_reranking_over_the_whole_corpus_is_exact_search():
+    from jointrag.index import FaissIndex
+
+    x, q = clustered_vectors(600, queries=20)
+    params = FaissIndex.default_params("ivfpq", len(x), x.shape[1])
+    params.update(nprobe=params["nlist"], rerank=len(x))  # every list probed, every vector a candidate
+    scores, ids = FaissIndex.build(x, "ivfpq", params).search(q, 10)
+    exact_scores, exact_ids = ExactIndex(x).search(q, 10)
+    np.testing.assert_array_equal(ids, exact_ids)
+    np.testing.assert_allclose(scores, exact_scores, rtol=1e-5, atol=1e-6)
+    # more results than passages: padded with -1 and -inf, as every index pads
+    scores, ids = FaissIndex.build(x[:300], "ivfpq", {**FaissIndex.default_params("ivfpq", 300, 32), "rerank": 2}).search(q[:2], 400)
+    assert (ids[:, :300] >= 0).all() and (ids[:, 300:] == -1).all() and np.isneginf(scores[:, 300:]).all()
+    assert sorted(ids[0, :300].tolist()) == list(range(300))
+
+
+def test_ivfpq_rerank_setting_through_an_index_directory(tmp_path, retriever):
+    passages = synthetic_passages(300)
+    out = tmp_path / "ivfpq"
+    built = build(passages, out, retriever, "ivfpq")
+    assert built.manifest["params"]["rerank"] == built.vectors.rerank > 0
+    assert isinstance(built.vectors.embeddings, np.memmap)  # re-ranking reads the stored embeddings from disk
+    queries = retriever.encode_queries(QUESTIONS)
+    stored = np.load(out / "embeddings.npy")
+    scores, rows = built.search_embeddings(queries, 5)
+    np.testing.assert_allclose(scores, np.einsum("nd,nkd->nk", queries, stored[rows]), rtol=1e-5, atol=1e-6)
+    plain = RetrievalIndex.open(out, retriever, {"rerank": 0})
+    assert plain.vectors.rerank == 0 and plain.search_embeddings(queries, 5)[1].shape == (3, 5)
+    with pytest.raises(UserError, match="rerank=-1 must be a non-negative integer"):
+        RetrievalIndex.open(out, retriever, {"rerank": -1})
+    with pytest.raises(UserError, match="rerank=-1 must be a non-negative integer"):
+        build(passages, tmp_path / "bad", retriever, "ivfpq", params={"rerank": -1})
+
+
+def test_ivfpq_rerank_needs_the_embeddings(tmp_path):
+    from jointrag.index import FaissIndex
+
+    x, _ = clustered_vectors(600)
+    params = FaissIndex.default_params("ivfpq", len(x), x.shape[1])
+    FaissIndex.build(x, "ivfpq", params).save(tmp_path)  # no embeddings.npy next to it
+    with pytest.raises(UserError, match="rerank needs the index's float32 embeddings"):
+        FaissIndex.load(tmp_path, "ivfpq", params)
+    assert FaissIndex.load(tmp_path, "ivfpq", {**params, "rerank": 0}).search(x[:2], 3)[1].shape == (2, 3)
+
+
+def test_ivfpq_training_sample_is_capped(monkeypatch):
+    import faiss
+
+    from jointrag.index import FaissIndex
+
+    params = FaissIndex.default_params("ivfpq", 1_000_000, 384)
+    size = FaissIndex.train_size(1_000_000, params)
+    assert 39 * params["nlist"] <= size == FaissIndex.TRAIN_PER_LIST * params["nlist"] < 1_000_000 // 3
+    assert FaissIndex.train_size(100, {"nlist": 2, "nbits": 4}) == 100  # never more than the corpus
+    assert FaissIndex.train_size(100_000, {"nlist": 16, "nbits": 8}) == 256 * 256  # PQ k-means: 256 per centroid
+
+    trained = []
+    original = faiss.IndexIVFPQ.train
+    monkeypatch.setattr(faiss.IndexIVFPQ, "train", lambda self, x: trained.append(len(x)) or original(self, x))
+    x, _ = clustered_vectors(20_000)
+    params = {"nlist": 40, "m": 8, "nbits": 6, "nprobe": 8, "rerank": 0}
+    FaissIndex.build(x, "ivfpq", params)
+    assert trained == [FaissIndex.train_size(20_000, params)] == [max(64 * 40, 256 * 64)]
