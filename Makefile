@@ -9,7 +9,8 @@ test:
 	bash scripts/setup.sh --dev
 	.venv/bin/python -m pytest -q
 
+# Run every benchmark on one thread; writes runs/bench/results.json and results.md. `make bench BENCH_ARGS=--quick`
+# for a smoke run without the 1M-vector searches.
 bench:
 	bash scripts/setup.sh --dev
-	.venv/bin/python benchmarks/bench_retrieval.py
-	.venv/bin/python benchmarks/bench_training.py
+	OMP_NUM_THREADS=1 .venv/bin/python benchmarks/run_all.py $(BENCH_ARGS)
