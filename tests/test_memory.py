@@ -43,9 +43,13 @@ def test_ivfpq_holds_codes_centroids_and_its_training_sample():
     assert parts == {
         "codes and ids": 100_000 * (96 + 8),
         "centroids": (1024 + 256) * 768 * 4,
-        "training sample": 100_000 * 768 * 4,  # 256 x 1024 sample points > the corpus: all of it
+        "training sample": 65_536 * 768 * 4,  # 64 per list, and at least 256 per PQ centroid
+        "training residuals": 65_536 * 768 * 4,
+        "add batch": 100_000 * 768 * 4,
     }
-    assert index_estimate("ivfpq", 10_000_000, 768, {"nlist": 1024, "m": 96, "nbits": 8}).parts["training sample"] == 256 * 1024 * 768 * 4
+    large = index_estimate("ivfpq", 10_000_000, 768, {"nlist": 4096, "m": 96, "nbits": 8}).parts
+    assert large["training sample"] == 64 * 4096 * 768 * 4 and large["training residuals"] == 256 * 256 * 768 * 4
+    assert index_estimate("ivfpq", 30_000, 768, {"nlist": 512, "m": 96, "nbits": 8}).parts["training sample"] == 30_000 * 768 * 4
 
 
 def test_bm25_grows_with_the_text():
@@ -95,7 +99,7 @@ def test_the_failure_names_the_numbers_and_a_cheaper_index(monkeypatch):
     message = str(error.value)
     assert message.startswith("an exact index of 1,000,000 x 768 float32 needs about 2.9 GiB (vectors 2.9 GiB), "
                               "but only 1.0 GiB of memory is available; use --kind ivfpq: with the default settings its index holds 0.1 GiB "
-                              "and its build needs 2.9 GiB more for training vectors (256 per list: lower --param nlist for fewer). ")
+                              "and its build needs 1.2 GiB more for training and adding vectors. ")
     assert message.endswith(f"Set {SKIP_ENV}=1 to skip this check.")
     check_memory(index_estimate("exact", 1_000_000, 768), available=3 * GIB)
 

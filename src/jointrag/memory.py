@@ -34,6 +34,7 @@ FLOAT32 = 4
 # with the tokens (SDPA keeps no tokens x tokens attention matrix); eager attention would need more.
 ACTIVATION_BYTES = {"fp32": 96, "bf16": 80}
 ANSWER_TOKENS = 32  # target tokens after the prompt, whose vocabulary logits a training step forms (the generator keeps only those)
+ADD_BATCH = 100_000  # vectors `FaissIndex.build` adds to an IVF-PQ index at once
 BYTES_PER_WORD = 6  # English text, word plus space: turns a corpus size into a BM25 token count
 
 
@@ -63,8 +64,9 @@ def index_estimate(kind: str, count: int, dim: int | None, params: dict | None =
     exact: the vectors (memory-mapped: they need not fit, but search then reads them from disk each
     time); flat: the vectors; hnsw: the vectors and the graph, an int32 per link, 2M links on level 0
     and M on each of the expected 1/(M-1) upper levels, plus a level and an offset per node; ivfpq:
-    the PQ codes and int64 ids of the inverted lists, the coarse and PQ centroids, and the float32
-    training sample (256 vectors per centroid) that the build copies into RAM; bm25: the corpus texts
+    the PQ codes and int64 ids of the inverted lists, the coarse and PQ centroids, the float32 training
+    sample (`FaissIndex.train_size`) and its residuals for the PQ k-means, and the float32 residuals of a
+    batch of vectors being added (the embeddings it re-ranks from stay memory-mapped); bm25: the corpus texts
     (`text_bytes`) held as Python strings, their token ids as Python ints, and the sparse score matrix.
     """
     from .index import FaissIndex
@@ -82,7 +84,9 @@ def index_estimate(kind: str, count: int, dim: int | None, params: dict | None =
         parts = {
             "codes and ids": count * (math.ceil(m * nbits / 8) + 8),
             "centroids": (nlist + 2**nbits) * dim * FLOAT32,
-            "training sample": min(count, 256 * max(nlist, 2**nbits)) * dim * FLOAT32,
+            "training sample": FaissIndex.train_size(count, params) * dim * FLOAT32,
+            "training residuals": min(FaissIndex.train_size(count, params), 256 * 2**nbits) * dim * FLOAT32,
+            "add batch": min(count, ADD_BATCH) * dim * FLOAT32,
         }
     else:
         what = f"a bm25 index of {count:,} passages ({gib(text_bytes)} of text)"
@@ -92,13 +96,16 @@ def index_estimate(kind: str, count: int, dim: int | None, params: dict | None =
 
 
 def _index_suggestion(kind: str, count: int, dim: int | None, params: dict) -> str:
+    from .index import FaissIndex
+
     if kind == "bm25":
         return "use a dense index (--kind ivfpq)"
     if kind == "ivfpq":
-        return "lower --param nlist (the build trains on 256 vectors per list) or --param m"
+        return f"lower --param nlist (the build trains on {FaissIndex.TRAIN_PER_LIST} vectors per list) or --param m"
     ivfpq = index_estimate("ivfpq", count, dim).parts
     return (f"use --kind ivfpq: with the default settings its index holds {gib(ivfpq['codes and ids'] + ivfpq['centroids'])} "
-            f"and its build needs {gib(ivfpq['training sample'])} more for training vectors (256 per list: lower --param nlist for fewer)")
+            f"and its build needs {gib(ivfpq['training sample'] + ivfpq['training residuals'] + ivfpq['add batch'])} more "
+            f"for training and adding vectors")
 
 
 def training_estimate(
