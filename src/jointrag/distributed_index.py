@@ -20,7 +20,6 @@ Shapes: n this rank's queries, Q all ranks' queries, W ranks, k results, D embed
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -32,12 +31,12 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from . import __version__, distributed
-from .corpus import ARROW_NAME, Corpus
+from . import distributed
+from .corpus import Corpus
 from .errors import UserError
 from .index import (
-    EMBEDDINGS, KINDS, MANIFEST, ExactIndex, FaissIndex, RetrievalIndex, _replace_directory, build_index, check_encoder,
-    encode_corpus, read_manifest,
+    EMBEDDINGS, ExactIndex, FaissIndex, RetrievalIndex, build_index, check_encoder, encode_corpus, finish_build, read_manifest,
+    stage_build,
 )
 from .memory import check_memory, index_estimate
 from .retriever import BiEncoder
@@ -166,7 +165,10 @@ def build_index_sharded(
     job = None
     if rank == 0:
         try:
-            job = _stage(passages, out, retriever, kind, params, memory_check)
+            tmp, _, params = stage_build(passages, out, retriever=retriever, kind=kind, params=params, memory_check=memory_check)
+            shape = (len(Corpus.open(tmp)), retriever.passage_encoder.dim)
+            np.lib.format.open_memmap(tmp / EMBEDDINGS, mode="w+", dtype=np.float32, shape=shape).flush()
+            job = {"tmp": str(tmp), "params": params}
         except UserError as error:
             job = {"error": str(error)}
     job = distributed.from_main(job)
@@ -188,46 +190,10 @@ def build_index_sharded(
         distributed.barrier()
         if rank:
             return None
-        embeddings = np.load(tmp / EMBEDDINGS, mmap_mode="r")
-        if kind != "exact":
-            FaissIndex.build(embeddings, kind, job["params"]).save(tmp)
-        manifest = {  # build_index's, in its order
-            "format": 1, "kind": kind, "count": len(corpus), "precision": precision, "encoder": retriever.identity(),
-            "dim": int(embeddings.shape[1]), "params": job["params"],
-            "corpus": {"fingerprint": corpus.fingerprint, "count": len(corpus), "source": source},
-            "build_seconds": round(time.time() - started, 1), "jointrag_version": __version__,
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        _replace_directory(tmp, out)
+        finish_build(tmp, out, corpus, np.load(tmp / EMBEDDINGS, mmap_mode="r"), retriever=retriever, kind=kind,
+                     params=job["params"], precision=precision, source=source, started=started)
     except BaseException:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     return RetrievalIndex.open(out, retriever)
-
-
-def _stage(passages: Iterable[Passage], out: Path, retriever: BiEncoder | None, kind: str, params: dict | None, memory_check: bool) -> dict:
-    """Rank 0's part before the encoding, as in `build_index`: check the settings, store the corpus in
-    a temporary sibling of `out`, check the memory, create the embeddings file. {"tmp", "params"}."""
-    if kind not in KINDS:
-        raise UserError(f"index kind must be one of {', '.join(KINDS)}, not '{kind}'")
-    if retriever is None:
-        raise UserError(f"a '{kind}' index needs a retriever to encode the corpus")
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).is_file())):
-        raise UserError(f"{out} exists and is not an index directory; choose another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        corpus, dim = Corpus.build(passages, tmp), retriever.passage_encoder.dim
-        params = {**FaissIndex.default_params(kind, len(corpus), dim), **(params or {})}
-        if kind != "exact":
-            FaissIndex.check_params(kind, params, len(corpus), dim)
-        if memory_check:
-            check_memory(index_estimate(kind, len(corpus), dim, params, text_bytes=(tmp / ARROW_NAME).stat().st_size))
-        np.lib.format.open_memmap(tmp / EMBEDDINGS, mode="w+", dtype=np.float32, shape=(len(corpus), dim)).flush()
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return {"tmp": str(tmp), "params": params}

@@ -319,18 +319,36 @@ def build_index(
 ) -> "RetrievalIndex":
     """Store the corpus, encode it, build the index and write the manifest last. Once the corpus is
     stored, and before encoding, the memory the index needs is checked (`memory.check_memory`)."""
+    started = time.time()
+    out = Path(out).resolve()
+    tmp, corpus, params = stage_build(passages, out, retriever=retriever, kind=kind, params=params, memory_check=memory_check)
+    try:
+        embeddings = None
+        if kind != "bm25":
+            precision = resolve_precision(precision, retriever.passage_encoder.device)
+            embeddings = encode_corpus(retriever, corpus, tmp / EMBEDDINGS, batch_size=batch_size, precision=precision)
+        finish_build(tmp, out, corpus, embeddings, retriever=retriever, kind=kind, params=params, precision=precision,
+                     source=source, started=started)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return RetrievalIndex.open(out, retriever)
+
+
+def stage_build(passages: Iterable[Passage], out: Path, *, retriever: BiEncoder | None, kind: str, params: dict | None,
+                memory_check: bool) -> tuple[Path, Corpus, dict]:
+    """The first part of a build: check the settings, store the corpus in a temporary sibling of `out`
+    and check the memory the index needs. (temporary directory, corpus, index settings)."""
     if kind not in KINDS:
         raise UserError(f"index kind must be one of {', '.join(KINDS)}, not '{kind}'")
     if kind != "bm25" and retriever is None:
         raise UserError(f"a '{kind}' index needs a retriever to encode the corpus")
-    out = Path(out).resolve()
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).is_file())):
         raise UserError(f"{out} exists and is not an index directory; choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    started = time.time()
     try:
         corpus = Corpus.build(passages, tmp)
         dim = None if retriever is None else retriever.passage_encoder.dim
@@ -340,29 +358,33 @@ def build_index(
             FaissIndex.check_params(kind, params, len(corpus), dim)
         if memory_check:
             check_memory(index_estimate(kind, len(corpus), dim, params, text_bytes=(tmp / ARROW_NAME).stat().st_size))
-        manifest: dict = {"format": 1, "kind": kind, "count": len(corpus)}
-        if kind == "bm25":
-            texts = [f"{p.title} {p.text}" for batch in corpus.iter_batches(8192) for p in batch]
-            BM25Index.build(texts).save(tmp)
-            manifest["encoder"] = None
-        else:
-            precision = resolve_precision(precision, retriever.passage_encoder.device)
-            embeddings = encode_corpus(retriever, corpus, tmp / EMBEDDINGS, batch_size=batch_size, precision=precision)
-            manifest["precision"] = precision
-            if kind != "exact":
-                FaissIndex.build(embeddings, kind, params).save(tmp)
-            manifest["encoder"] = retriever.identity()
-            manifest["dim"] = int(embeddings.shape[1])
-        manifest["params"] = params or {}
-        manifest["corpus"] = {"fingerprint": corpus.fingerprint, "count": len(corpus), "source": source}
-        manifest["build_seconds"] = round(time.time() - started, 1)
-        manifest["jointrag_version"] = __version__
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        _replace_directory(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return RetrievalIndex.open(out, retriever)
+    return tmp, corpus, params or {}
+
+
+def finish_build(tmp: Path, out: Path, corpus: Corpus, embeddings: np.ndarray | None, *, retriever: BiEncoder | None, kind: str,
+                 params: dict, precision: str, source: str | None, started: float) -> None:
+    """The last part of a build: the BM25 index, or the faiss structure over `embeddings` (stored in
+    `tmp`), then the manifest, written last, and `tmp` moved into place as `out`."""
+    manifest: dict = {"format": 1, "kind": kind, "count": len(corpus)}
+    if kind == "bm25":
+        texts = [f"{p.title} {p.text}" for batch in corpus.iter_batches(8192) for p in batch]
+        BM25Index.build(texts).save(tmp)
+        manifest["encoder"] = None
+    else:
+        manifest["precision"] = precision
+        if kind != "exact":
+            FaissIndex.build(embeddings, kind, params).save(tmp)
+        manifest["encoder"] = retriever.identity()
+        manifest["dim"] = int(embeddings.shape[1])
+    manifest["params"] = params
+    manifest["corpus"] = {"fingerprint": corpus.fingerprint, "count": len(corpus), "source": source}
+    manifest["build_seconds"] = round(time.time() - started, 1)
+    manifest["jointrag_version"] = __version__
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    _replace_directory(tmp, out)
 
 
 def read_manifest(directory: Path | str) -> dict:
