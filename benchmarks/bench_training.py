@@ -263,7 +263,7 @@ def our_runner(name, objective, index_dir, dpr, bart, qtok, gtok, template, args
     system = RAGSystem(retriever, generator, RetrievalIndex.open(index_dir, retriever), template)
     if objective.needs_posterior:
         system.add_posterior()
-    set_trainable(system, objective.trains, passage_tower=False, lora=False)
+    set_trainable(system, objective.trains, passage_tower=False)
     system.train()
     optimizer = torch.optim.AdamW([p for p in system.parameters() if p.requires_grad], lr=args.lr)
     def step(batch, check=False):
@@ -274,7 +274,7 @@ def our_runner(name, objective, index_dir, dpr, bart, qtok, gtok, template, args
             questions = [e.question for e in batch]
             rows = system.search(questions, args.k)
             result["rows"] = rows.tolist()
-            result["context_tokens"] = max(map(len, generator._prompt_ids([p for row in system.prompts(questions, rows) for p in row])))
+            result["context_tokens"] = max(map(len, generator._prompt_ids([p for row in system.prompts(batch, rows) for p in row])))
             result["grad_norm"] = grad_norms({"query": tower, "generator": generator})
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
