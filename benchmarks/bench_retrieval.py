@@ -103,9 +103,9 @@ def log(message: str) -> None:
 def bench_encoding(args, retriever, passages, examples, precisions: list[str]) -> dict:
     from sentence_transformers import SentenceTransformer
 
-    from jointrag.index import ExactIndex
+    from jointrag.retrieval.index import ExactIndex
     from jointrag.metrics import gold_recall_at_k, mean
-    from jointrag.retriever import default_retriever_path
+    from jointrag.models import default_retriever_path
 
     texts = retriever.passage_texts(passages)
     st = SentenceTransformer(str(default_retriever_path()), device="cpu")
@@ -198,6 +198,8 @@ def timed_pairs(ours, raw, repeats: int, min_sample_s: float = 0.2, warmup_s: fl
 def wrapper_params(kind: str, n: int, d: int) -> dict:
     """The default settings, IVF-PQ without re-ranking: this measures what the wrapper costs over the very
     faiss search it wraps (bench_scale.py measures re-ranking, which does more work for more recall)."""
+    from jointrag.retrieval.index import FaissIndex
+
     return {**FaissIndex.default_params(kind, n, d), **({"rerank": 0} if kind == "ivfpq" else {})}
 
 
@@ -207,7 +209,7 @@ def recall_vs_exact(ids: np.ndarray, exact_ids: np.ndarray) -> float:
 
 
 def bench_search(name: str, emb: np.ndarray, queries: np.ndarray, repeats: int) -> dict:
-    from jointrag.index import ExactIndex, FaissIndex
+    from jointrag.retrieval.index import ExactIndex, FaissIndex
 
     n, d = emb.shape
     emb = np.ascontiguousarray(emb, dtype=np.float32)
@@ -305,9 +307,9 @@ def main(argv=None) -> int:
     import sentence_transformers
     import transformers
 
-    from jointrag.corpus import read_passages
-    from jointrag.data import EMBEDDED_SQUAD, embedded_examples
-    from jointrag.retriever import load_retriever
+    from jointrag.data.corpus import read_passages
+    from jointrag.data.qa import EMBEDDED_SQUAD, embedded_examples
+    from jointrag.retrieval.encoders import load_retriever
     from jointrag.runtime import resolve_precision
 
     torch.set_num_threads(args.threads)

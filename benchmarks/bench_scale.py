@@ -170,9 +170,9 @@ def calibration(seed: int) -> dict:
     being its gold passage's) against 24 random articles of the synthetic 1M corpus."""
     import torch
 
-    from jointrag.corpus import read_passages
-    from jointrag.data import EMBEDDED_SQUAD, embedded_examples
-    from jointrag.retriever import load_retriever
+    from jointrag.data.corpus import read_passages
+    from jointrag.data.qa import EMBEDDED_SQUAD, embedded_examples
+    from jointrag.retrieval.encoders import load_retriever
 
     passages = list(read_passages(EMBEDDED_SQUAD))
     examples = embedded_examples("test")
@@ -255,7 +255,7 @@ def bench_kind(kind: str, x: np.ndarray, q: np.ndarray, exact_ids: np.ndarray, d
     """Build, open and search ours and raw faiss for one kind; memory from /proc/self/status."""
     import faiss
 
-    from jointrag.index import FaissIndex
+    from jointrag.retrieval.index import FaissIndex
 
     n, d = x.shape
     params = FaissIndex.default_params(kind, n, d)
@@ -363,8 +363,8 @@ def real_check(index_dir: Path, queries_file: Path, args) -> dict:
     import faiss
     import torch
 
-    from jointrag.index import FaissIndex, read_manifest
-    from jointrag.retriever import load_retriever
+    from jointrag.retrieval.index import FaissIndex, read_manifest
+    from jointrag.retrieval.encoders import load_retriever
 
     manifest = read_manifest(index_dir)
     x = np.ascontiguousarray(np.load(index_dir / "embeddings.npy"), dtype=np.float32)

@@ -102,8 +102,8 @@ def load_data(limit: int | None):
     retriever can take a liking to a few passages, and if those were 5-word tails every input would be
     short, which no real retriever gives. Texts are single-spaced, as HF's input builder expects.
     """
-    from jointrag.corpus import read_passages
-    from jointrag.data import EMBEDDED_SQUAD, embedded_examples
+    from jointrag.data.corpus import read_passages
+    from jointrag.data.qa import EMBEDDED_SQUAD, embedded_examples
     from jointrag.types import Passage
 
     articles: dict[str, list[str]] = {}
@@ -251,9 +251,9 @@ def our_runner(name, objective, index_dir, dpr, bart, qtok, gtok, template, args
     """A RAGSystem over our index; the objective retrieves, builds inputs and computes the loss."""
     import torch
 
-    from jointrag.generator import Generator
-    from jointrag.index import RetrievalIndex
-    from jointrag.retriever import BiEncoder, Encoder
+    from jointrag.generation.generator import Generator
+    from jointrag.retrieval.index import RetrievalIndex
+    from jointrag.retrieval.encoders import BiEncoder, Encoder
     from jointrag.system import RAGSystem
     from jointrag.train.build import set_trainable
 
@@ -274,7 +274,7 @@ def our_runner(name, objective, index_dir, dpr, bart, qtok, gtok, template, args
             questions = [e.question for e in batch]
             rows = system.search(questions, args.k)
             result["rows"] = rows.tolist()
-            result["context_tokens"] = max(map(len, generator._prompt_ids([p for row in system.prompts(batch, rows) for p in row])))
+            result["context_tokens"] = max(map(len, generator.prompt_ids([p for row in system.prompts(batch, rows) for p in row])))
             result["grad_norm"] = grad_norms({"query": tower, "generator": generator})
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -335,7 +335,7 @@ def phases(kind: str) -> dict:
     from transformers.models.rag.modeling_rag import RagSequenceForGeneration, RagTokenForGeneration
 
     from jointrag import generator, system
-    from jointrag.objectives import _math
+    from jointrag.methods import _math
 
     common = {"backward": torch.autograd.backward, "AdamW step": torch.optim.AdamW.step}
     if kind == "hf":
@@ -353,9 +353,9 @@ def phases(kind: str) -> dict:
         "prior scores (query tower with grad)": system.RAGSystem.prior_scores,
         "posterior scores": system.RAGSystem.posterior_scores,
         "prompts (fetch passages, render)": system.RAGSystem.prompts,
-        "prompt + target tokenization": generator.Generator._prompt_ids,
+        "prompt + target tokenization": generator.Generator.prompt_ids,
         "generator forward (BART)": BartForConditionalGeneration.forward,
-        "generator log-probs incl. forward": generator.Generator._flat_logprobs,
+        "generator log-probs incl. forward": generator.Generator.flat_logprobs,
         "MIS chain": _math.mis_chain,
         **common,
     }
@@ -454,10 +454,11 @@ def main(argv=None) -> int:
     import transformers
     from transformers import AutoTokenizer, RagConfig, RagRetriever, RagSequenceForGeneration, RagTokenForGeneration
 
-    from jointrag.generator import PromptTemplate
-    from jointrag.index import build_index
-    from jointrag.objectives import JSA, RagSequence, RagToken
-    from jointrag.retriever import BiEncoder, Encoder, default_retriever_path
+    from jointrag.generation.generator import PromptTemplate
+    from jointrag.retrieval.index import build_index
+    from jointrag.methods import JSA, RagSequence, RagToken
+    from jointrag.models import default_retriever_path
+    from jointrag.retrieval.encoders import BiEncoder, Encoder
 
     transformers.logging.set_verbosity_error()
     datasets.disable_progress_bars()

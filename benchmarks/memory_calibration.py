@@ -8,7 +8,7 @@ at 16.5 GiB of RAM):
     .venv/bin/python benchmarks/memory_calibration.py --report runs/memory_calibration.json   # table only
 
 Each point runs in a fresh subprocess: it loads the default generator (SmolLM2-135M-Instruct) with
-`jointrag.generator.load_generator`, makes every weight trainable (full fine-tuning), sets
+`jointrag.generation.generator.load_generator`, makes every weight trainable (full fine-tuning), sets
 `max_prompt_tokens` so that every prompt is cut to exactly TOKENS tokens, and notes its resident
 memory (`baseline`: libraries and weights, what a trainer holds when it runs the memory check). It
 then resets the peak (writing 5 to /proc/self/clear_refs, so the load's own peak does not count) and
@@ -70,7 +70,7 @@ def measure(rows: int, tokens: int, precision: str) -> dict:
 
     import torch
 
-    from jointrag.generator import load_generator
+    from jointrag.generation.generator import load_generator
     from jointrag.runtime import autocast
 
     torch.set_num_threads(1)
@@ -80,7 +80,7 @@ def measure(rows: int, tokens: int, precision: str) -> dict:
     generator.train()
     prompts = [f"{i} {PARAGRAPH * (1 + 3 * tokens // 200)}Question {i}: who won?\nAnswer:" for i in range(rows)]
     targets = [ANSWERS[i % len(ANSWERS)] for i in range(rows)]
-    assert all(len(ids) == tokens for ids in generator._prompt_ids(prompts)), "a prompt is shorter than TOKENS"
+    assert all(len(ids) == tokens for ids in generator.prompt_ids(prompts)), "a prompt is shorter than TOKENS"
     optimizer = torch.optim.AdamW(generator.parameters(), lr=1e-6)
     gc.collect()
     baseline = current_rss()

@@ -32,6 +32,12 @@ PASSAGES = [
     Passage("p7", "Photosynthesis", "Plants turn light, water and carbon dioxide into sugar and oxygen."),
 ]
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<mask>"]
+QA = [
+    {"id": "q1", "question": "What is the capital of France?", "answers": ["Paris"], "gold_ids": ["p0"]},
+    {"id": "q2", "question": "Who won Super Bowl 50?", "answers": ["Denver Broncos"], "gold_ids": ["p6"]},
+    {"id": "q3", "question": "What do plants make from light?", "answers": ["sugar"], "gold_ids": ["p7"]},
+    {"id": "q4", "question": "What is the capital of Italy?", "answers": ["Rome"], "gold_ids": ["p2"]},
+]
 
 
 def make_tokenizer() -> PreTrainedTokenizerFast:
@@ -79,3 +85,34 @@ def tiny_dir(tmp_path_factory):
 @pytest.fixture
 def passages():
     return list(PASSAGES)
+
+
+@pytest.fixture
+def isolated_home(tmp_path, monkeypatch):
+    """No test may build or read the default index in the real home. Not autouse (some tests use the
+    real home's models): a module takes it with `pytestmark = pytest.mark.usefixtures("isolated_home")`."""
+    monkeypatch.setenv("JOINTRAG_HOME", str(tmp_path / "home"))
+    yield
+    assert not (tmp_path / "home").exists()
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """`corpus.jsonl` (the fixture passages) and `qa.jsonl` (`QA`), written once per module."""
+    from cli_helpers import write_jsonl
+
+    root = tmp_path_factory.mktemp("train-files")
+    corpus = write_jsonl(root / "corpus.jsonl", [{"id": p.id, "title": p.title, "text": p.text} for p in PASSAGES])
+    qa = write_jsonl(root / "qa.jsonl", QA)
+    return {"corpus": corpus, "qa": qa}
+
+
+@pytest.fixture(scope="module")
+def index_dir(files, tiny_dir, tmp_path_factory) -> str:
+    """An exact index of the fixture passages, built once through the CLI and only read after."""
+    from jointrag.cli import main
+
+    out = tmp_path_factory.mktemp("train-index") / "index"
+    assert main(["index", "--corpus", str(files["corpus"]), "--out", str(out), "--retriever", str(tiny_dir / "encoder"),
+                 "--precision", "fp32"]) == 0
+    return str(out)

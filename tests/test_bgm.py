@@ -21,10 +21,20 @@ import torch
 import yaml
 from torch import nn
 
-from cli_helpers import assert_user_error, run
+from cli_helpers import (
+    assert_complete_run,
+    assert_resumes_on_the_same_trajectory,
+    assert_user_error,
+    resume_finished_pipeline,
+    run,
+    train_argv,
+    train_lines,
+    weights_of,
+)
 from conftest import PASSAGES
+from conftest import QA as QA_ROWS
 from jointrag.cli import main
-from jointrag.bgm import (
+from jointrag.methods.bgm_bridge import (
     METRICS,
     BridgeSystem,
     BridgeTemplate,
@@ -37,12 +47,11 @@ from jointrag.bgm import (
     score_bridged,
 )
 from jointrag.errors import UserError
-from jointrag.generator import PromptTemplate, load_generator
-from jointrag.objectives.bgm import BGMPPO, BGMSupervised, group_advantages, ppo_loss
+from jointrag.generation.generator import PromptTemplate, load_generator
+from jointrag.methods.bgm import BGMPPO, BGMSupervised, group_advantages, ppo_loss
 from jointrag.types import Example
-from test_train import QA as QA_ROWS
-from test_train import assert_complete_run, assert_same_trajectory, files, index_dir, isolated_home, train_argv  # noqa: F401
-from test_train import train_lines, weights_of
+
+pytestmark = pytest.mark.usefixtures("isolated_home")
 
 QA = [
     Example("q1", "What is the capital of France?", ("Paris",)),
@@ -266,9 +275,9 @@ class CategoricalBridge(nn.Module):
     def select(self, texts, candidates):
         return [[c[p] for p in self.template.parse(t, len(c), self.max_passages)] for t, c in zip(texts, candidates)]
 
-    def logprobs(self, inputs, actions):
+    def logprobs(self, inputs, actions, temperature=1.0):
         self.rows.append(len(actions))
-        return torch.log_softmax(self.logits, -1)[torch.tensor([a[0] for a in actions])]
+        return torch.log_softmax(self.logits / temperature, -1)[torch.tensor([a[0] for a in actions])]
 
 
 class TitleLLM(nn.Module):
@@ -343,8 +352,8 @@ def test_ppo_state_round_trips_the_rollout_buffer():
 
 @pytest.fixture(scope="module")
 def tiny_index(tiny_dir, tmp_path_factory):
-    from jointrag.index import build_index
-    from jointrag.retriever import load_retriever
+    from jointrag.retrieval.index import build_index
+    from jointrag.retrieval.encoders import load_retriever
 
     retriever = load_retriever(str(tiny_dir / "encoder"))
     return build_index(PASSAGES, tmp_path_factory.mktemp("bgm") / "index", retriever=retriever, precision="fp32")
@@ -389,7 +398,7 @@ def test_sampled_actions_are_scored_on_the_tokens_that_were_sampled(tiny_dir, ti
     actions = bridge.sample(inputs, 3)
     torch.manual_seed(3)
     lm = bridge.lm
-    batch = lm.tokenizer.pad({"input_ids": lm._prompt_ids(inputs)}, return_tensors="pt")
+    batch = lm.tokenizer.pad({"input_ids": lm.prompt_ids(inputs)}, return_tensors="pt")
     with plain_generation(lm.model):  # the same draws again, with the distributions they came from
         output = lm.model.generate(**batch, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, num_return_sequences=3,
                                    max_new_tokens=8, pad_token_id=lm.tokenizer.pad_token_id, output_scores=True,
@@ -542,12 +551,10 @@ def test_ppo_resumes_on_the_same_trajectory_with_the_stage_1_reference(files, in
     monkeypatch.setitem(METRICS, "em", lambda prediction, answers: zlib.crc32(prediction.encode()) % 1000 / 1000)
     sets = (f"bgm.reference={sl / 'checkpoint'}", "train.schedule=constant", "bgm.beta=1.0", "bgm.epochs=3",
             "bgm.metrics=em", "bgm.temperature=2.0", "train.lr_bridge=0.001", f"model.template={template}")
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert main(bgm_argv(files, index_dir, tiny_dir, straight, "bgm-ppo", 4, *sets)) == 0
-    assert main(bgm_argv(files, index_dir, tiny_dir, resumed, "bgm-ppo", 2, *sets)) == 0
-    assert torch.load(resumed / "checkpoint" / "trainer.pt", weights_only=False)["objective"]["buffer"]
-    assert main(bgm_argv(files, index_dir, tiny_dir, resumed, "bgm-ppo", 4, *sets) + ["--resume"]) == 0
-    assert_same_trajectory(straight, resumed)
+    resumed = assert_resumes_on_the_same_trajectory(
+        tmp_path, lambda out, steps: bgm_argv(files, index_dir, tiny_dir, out, "bgm-ppo", steps, *sets),
+        saved=lambda state: state["objective"]["buffer"],
+    )
     lines = train_lines(resumed)
     assert any(r["informative"] > 0 and r["passages"] > 0 for r in lines) and all(r["kl"] > 0 for r in lines[1:])
 
@@ -570,7 +577,7 @@ def test_bad_bgm_settings_name_the_key(capsys, files, index_dir, tiny_dir, tmp_p
 
 
 def test_config_metrics_are_the_judges_metrics():
-    from jointrag.bgm import METRICS
+    from jointrag.methods.bgm_bridge import METRICS
     from jointrag.config import LISTS
 
     assert LISTS["bgm.metrics"] == tuple(METRICS)
@@ -578,13 +585,13 @@ def test_config_metrics_are_the_judges_metrics():
 
 def test_a_bridge_template_file(capsys, files, index_dir, tiny_dir, tmp_path):
     from jointrag.config import load_config
-    from jointrag.train.build import bridge_system_from
+    from jointrag.methods.bgm_bridge import bridge_system
 
     good = tmp_path / "bridge.yaml"
     good.write_text("template: 'Q: {question} C: {passages} Ids:'\npassage_words: 3\nempty: '0'\n")
     config = load_config(None, [f"bgm.bridge_template={good}", f"bgm.bridge={tiny_dir / 'causal'}", f"model.index={index_dir}",
                                 f"model.generator={tiny_dir / 'causal'}", "train.precision=fp32"])
-    template = bridge_system_from(config, reference=False).bridge.template
+    template = bridge_system(config).bridge.template
     assert template == BridgeTemplate("Q: {question} C: {passages} Ids:", passage_words=3, empty="0")
     for text, names in (("template: '{query}'\n", ("field 'template'", "{question}")), ("passage_words: many\n", ("passage_words", "int")),
                         ("ids: 3\n", ("passage_template",))):
@@ -610,7 +617,7 @@ def test_pipeline_trains_both_stages_and_writes_the_table(pipeline_run):
     ppo = yaml.safe_load((out / "ppo" / "checkpoint" / "config.yaml").read_text())
     assert ppo["method"]["name"] == "bgm-ppo" and ppo["bgm"]["reference"] == str(out / "sl" / "checkpoint")
     assert ppo["bgm"]["silver"] == str(out / "silver.jsonl") and (out / "silver.jsonl").is_file()
-    table = out / "bgm"
+    table = out / "comparison"
     rows = json.loads((table / "table.json").read_text())
     assert list(rows) == ["top-1 passage", "top-3 passages", "SL bridge", "SL + PPO bridge"]
     assert all(set(m) == {"examples", "em", "f1", "passages"} and m["examples"] == len(QA_ROWS) for m in rows.values())
@@ -620,18 +627,10 @@ def test_pipeline_trains_both_stages_and_writes_the_table(pipeline_run):
     assert len(predictions) == len(QA_ROWS) and all(isinstance(p["passages"], list) for p in predictions)
 
 
-def test_pipeline_resume_skips_finished_stages_and_refuses_a_rerun(capsys, pipeline_run, files, index_dir, tiny_dir, monkeypatch):
-    from jointrag.config import load_config
-    from jointrag.train import loop, train
-
+def test_pipeline_resume_skips_finished_stages_and_refuses_a_rerun(capsys, pipeline_run, files, index_dir, tiny_dir):
     assert_user_error(capsys, *bgm_argv(files, index_dir, tiny_dir, pipeline_run, "bgm", 2), names=("--resume",))
-
-    def no_training(self, resume=False):
-        raise AssertionError("a finished stage was trained again")
-
-    monkeypatch.setattr(loop.Trainer, "run", no_training)
-    rows = train(load_config(str(pipeline_run / "config.yaml")), resume=True)
-    assert rows == json.loads((pipeline_run / "bgm" / "table.json").read_text())  # the same models evaluated again
+    rows = resume_finished_pipeline(pipeline_run)
+    assert rows == json.loads((pipeline_run / "comparison" / "table.json").read_text())  # the same models evaluated again
 
 
 def test_eval_and_ask_with_a_bgm_checkpoint(capsys, pipeline_run, files, tmp_path):
@@ -641,7 +640,7 @@ def test_eval_and_ask_with_a_bgm_checkpoint(capsys, pipeline_run, files, tmp_pat
     assert code == 0, err
     metrics = json.loads(out)
     assert metrics["decode"] == "bridge" and metrics["examples"] == len(QA_ROWS) and 0 <= metrics["passages"] <= 3
-    table = json.loads((pipeline_run / "bgm" / "table.json").read_text())["SL + PPO bridge"]
+    table = json.loads((pipeline_run / "comparison" / "table.json").read_text())["SL + PPO bridge"]
     assert {key: metrics[key] for key in table} == table  # the same bridge, candidates and LLM as the table
     predictions = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
     assert len(predictions) == len(QA_ROWS) and all(len(p["passages"]) <= 3 for p in predictions)

@@ -20,15 +20,7 @@ QA = [
     {"id": "q3", "question": "What do plants make from light?", "answers": ["sugar"], "gold_ids": ["p7"]},
 ]
 
-
-@pytest.fixture(autouse=True)
-def isolated_home(tmp_path, monkeypatch):
-    """No test may build or read the default index in the real home."""
-    monkeypatch.setenv("JOINTRAG_HOME", str(tmp_path / "home"))
-    yield
-    assert not (tmp_path / "home").exists()
-
-
+pytestmark = pytest.mark.usefixtures("isolated_home")  # no test may build or read the default index in the real home
 
 
 @pytest.fixture(scope="module")
@@ -336,7 +328,7 @@ def test_failed_index_run_keeps_the_existing_index(capsys, files, encoder, tmp_p
 
 
 def test_prompt_template_file(tmp_path):
-    from jointrag.cli import load_template
+    from jointrag.generation.generator import load_template
     from jointrag.errors import UserError
 
     good = tmp_path / "t.yaml"

@@ -1,4 +1,4 @@
-"""Tests for jointrag.data: the QA formats, format detection, the embedded split and input errors."""
+"""Tests for jointrag.data.qa: the QA formats, format detection, the embedded split and input errors."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from jointrag.data import (
+from jointrag.data.qa import (
     EMBEDDED_SQUAD,
     embedded_examples,
     load_examples,

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from jointrag.decoding import _rag_token_search, rag_sequence_generate, rag_token_generate
-from jointrag.generator import load_generator
+from jointrag.generation.decoding import _rag_token_search, rag_sequence_generate, rag_token_generate
+from jointrag.generation.generator import load_generator
 
 NEG_INF = float("-inf")
 QUESTIONS = ["What is the capital of France?", "Who won Super Bowl 50?"]
@@ -32,7 +32,7 @@ def prompt_rows(passages, k: int = 3) -> list[list[str]]:
 
 def direct_token_logp(generator, prompt: str, ids: list[int]) -> torch.Tensor:
     """log p(ids_t | prompt, ids_<t) as (S,), from one unpadded model call."""
-    prompt_ids, device = generator._prompt_ids([prompt])[0], generator.device
+    prompt_ids, device = generator.prompt_ids([prompt])[0], generator.device
     with torch.no_grad():
         if generator.seq2seq:
             start = generator.model.generation_config.decoder_start_token_id

@@ -1,4 +1,4 @@
-"""Tests for jointrag.dialog (DSTC11, MTRAG-UN, OR-QuAC, DoQA loaders; dialog split) and the dialog
+"""Tests for jointrag.data.dialog (DSTC11, MTRAG-UN, OR-QuAC, DoQA loaders; dialog split) and the dialog
 metrics of jointrag.metrics (BLEU, ROUGE-L, knowledge selection), the latter against hand computation.
 
 The real-data tests read `../shared/data` (see its README for the counts) and are skipped without it.
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from jointrag import metrics
-from jointrag.dialog import (
+from jointrag.data.dialog import (
     FORMATS,
     dialog_id,
     history_query,
@@ -402,7 +402,10 @@ def test_mtrag_errors_name_the_line_and_field(tmp_path):
     with pytest.raises(UserError, match=r"line 3, field 'contexts\[0\].text': document d1 has another text on line 1"):
         load_mtrag(path)
     _jsonl(path, [_mtrag_record(), "{not json"])
-    with pytest.raises(UserError, match=r"reference.jsonl, line 2: invalid JSON"):
+    with pytest.raises(UserError, match=r"reference.jsonl, line 2: invalid JSON: Expecting property name"):
+        load_mtrag(path)
+    _jsonl(path, [_mtrag_record(), [1, 2]])
+    with pytest.raises(UserError, match=r"reference.jsonl, line 2: expected a JSON object, got a list$"):
         load_mtrag(path)
     _jsonl(path, [_mtrag_record()])
     with pytest.raises(UserError, match="no task in collection 'fiqa'; it has govt"):

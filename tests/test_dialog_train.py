@@ -16,18 +16,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli_helpers import assert_user_error, run, write_jsonl
+from cli_helpers import assert_complete_run, assert_user_error, check_method_lines, run, train_argv, write_jsonl
 from jointrag import metrics
 from jointrag.cli import main
-from jointrag.corpus import read_passages
-from jointrag.data import load_examples, save_examples
-from jointrag.dialog import dialog_id, load_dialog, split_by_dialog
+from jointrag.data.corpus import read_passages
+from jointrag.data.qa import load_examples, save_examples
+from jointrag.data.dialog import dialog_id, load_dialog, split_by_dialog
 from jointrag.errors import UserError
-from jointrag.evaluate import Retrieved, aggregate, score_example
-from jointrag.generator import FEW_SHOT_QA, PromptTemplate
+from jointrag.evaluation.evaluate import Retrieved, aggregate, score_example
+from jointrag.generation.generator import FEW_SHOT_QA, PromptTemplate
 from jointrag.types import Example, Passage
 from test_generator import CHAT_TEMPLATE
-from test_train import assert_complete_run, check_method_lines, isolated_home, train_argv  # noqa: F401 (fixtures)
 
 ROOT = Path(__file__).resolve().parents[1]
 DIALOG_TEMPLATE = ROOT / "configs" / "templates" / "dialog.yaml"
@@ -36,6 +35,8 @@ DSTC11 = ROOT.parent / "shared" / "data" / "dstc11-track5-val"
 DIALOG_METRICS = ("bleu1", "bleu4", "rouge_l", "knowledge_precision", "knowledge_recall", "knowledge_f1")
 HISTORY = (("user", "Hi, a hotel in the west?"), ("agent", "Hobsons House has 3 stars. "), ("user", "Is it clean?"))
 KNOWLEDGE = Passage("hotel/1/faq/0", "Hobsons House", "The rooms are cleaned daily.")
+
+pytestmark = pytest.mark.usefixtures("isolated_home")
 
 
 # --- jointrag dialog-data ---------------------------------------------------------------------------
@@ -131,7 +132,7 @@ def test_jsonl_history_errors_name_file_line_and_field(tmp_path, history, field,
 
 
 def test_dialog_prompt_renders_the_tagged_history():
-    from jointrag.cli import load_template
+    from jointrag.generation.generator import load_template
 
     template = load_template(str(DIALOG_TEMPLATE))
     example = Example("d#1", "Is it clean?", ("Yes.",), history=HISTORY)
@@ -161,7 +162,7 @@ def test_qa_prompts_are_unchanged():
 
 
 def test_chat_generator_formats_dialog_messages(tiny_dir):
-    from jointrag.generator import load_generator
+    from jointrag.generation.generator import load_generator
 
     generator = load_generator(str(tiny_dir / "causal"))
     example = Example("d#1", "Is it clean?", ("Yes.",), history=HISTORY[1:])

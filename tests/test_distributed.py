@@ -26,13 +26,15 @@ from jointrag.cli import main
 from jointrag.config import load_config
 from jointrag.errors import UserError
 from jointrag.train.loop import Trainer
-from cli_helpers import write_jsonl
-from test_train import QA, assert_complete_run, isolated_home, read_metrics, train_argv, train_lines  # noqa: F401 (a fixture)
+from cli_helpers import assert_complete_run, read_metrics, train_argv, train_lines, write_jsonl
+from conftest import QA
 
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 CONSTANT = "train.schedule=constant"  # a decaying schedule depends on train.steps
 REFRESH = ("model.train_passage_tower=true", "model.refresh=0-:1", "train.lr_retriever=0.05")
 FSDP = "train.fsdp=true"
+
+pytestmark = pytest.mark.usefixtures("isolated_home")
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Tests for jointrag.distributed_index: sharding, the top-k merge, and 2 gloo processes under torchrun
+"""Tests for jointrag.retrieval.sharded: sharding, the top-k merge, and 2 gloo processes under torchrun
 searching exactly as one process does (random vectors and the tiny encoder, uneven shards, k above a shard)
 and building with `jointrag index` the index directory one process builds."""
 
@@ -16,10 +16,10 @@ import pytest
 
 from cli_helpers import write_jsonl
 from jointrag.cli import main
-from jointrag.distributed_index import ShardedIndex, merge_topk, shard_rows
+from jointrag.retrieval.sharded import ShardedIndex, merge_topk, shard_rows
 from jointrag.errors import UserError
-from jointrag.index import EMBEDDINGS, MANIFEST, ExactIndex, RetrievalIndex, build_index
-from jointrag.retriever import load_retriever
+from jointrag.retrieval.index import EMBEDDINGS, MANIFEST, ExactIndex, RetrievalIndex, build_index
+from jointrag.retrieval.encoders import load_retriever
 
 from conftest import PASSAGES
 
@@ -35,9 +35,9 @@ WORKER = textwrap.dedent(
     import numpy as np
     import torch.distributed as dist
 
-    from jointrag.corpus import Corpus
-    from jointrag.distributed_index import ShardedIndex
-    from jointrag.retriever import load_retriever
+    from jointrag.data.corpus import Corpus
+    from jointrag.retrieval.sharded import ShardedIndex
+    from jointrag.retrieval.encoders import load_retriever
 
     work, encoder = Path(sys.argv[1]), sys.argv[2]
     dist.init_process_group("gloo")

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from jointrag.errors import UserError
-from jointrag.generator import PromptTemplate, load_generator
+from jointrag.generation.generator import PromptTemplate, load_generator
 from jointrag.types import Passage
 
 CHAT_TEMPLATE = (
@@ -13,8 +13,8 @@ CHAT_TEMPLATE = (
 
 def direct_logprob(generator, prompt: str, target: str) -> torch.Tensor:
     """log p(target | prompt) summed over tokens, from one unpadded model call."""
-    prompt_ids = generator._prompt_ids([prompt])[0]
-    target_ids = generator._target_ids([target])[0]
+    prompt_ids = generator.prompt_ids([prompt])[0]
+    target_ids = generator.target_ids([target])[0]
     model = generator.model
     with torch.no_grad():
         if generator.seq2seq:
@@ -40,7 +40,7 @@ def test_target_logprobs_match_direct_calls(tiny_dir, passages, kind):
     prompts, targets = prompts_and_targets(passages)
     logp, mask = generator.target_logprobs(prompts, targets)
     assert logp.shape == mask.shape and logp.shape[:2] == (2, 3)
-    lengths = [len(t) for t in generator._target_ids(targets)]
+    lengths = [len(t) for t in generator.target_ids(targets)]
     assert mask.sum(-1).tolist() == [[lengths[0]] * 3, [lengths[1]] * 3]
     assert (logp[~mask] == 0).all()
     for b in range(2):
@@ -57,7 +57,7 @@ def test_chat_template_prompts_match_direct_calls(tiny_dir, passages):
     prompts, targets = prompts_and_targets(passages)
     logp, _ = generator.target_logprobs(prompts, targets)
     assert logp[1, 2].sum().item() == pytest.approx(direct_logprob(generator, prompts[1][2], targets[1]).item(), abs=1e-4)
-    assert generator._target_ids(["Paris"])[0][-1] == generator.tokenizer.eos_token_id
+    assert generator.target_ids(["Paris"])[0][-1] == generator.tokenizer.eos_token_id
 
 
 def test_target_logprobs_carry_gradient(tiny_dir, passages):
@@ -71,7 +71,7 @@ def test_target_logprobs_carry_gradient(tiny_dir, passages):
 def test_prompt_truncation_keeps_the_end(tiny_dir):
     generator = load_generator(str(tiny_dir / "causal"))
     generator.max_prompt_tokens = 8
-    ids = generator._prompt_ids(["word " * 50 + "capital city?"])[0]
+    ids = generator.prompt_ids(["word " * 50 + "capital city?"])[0]
     assert len(ids) == 8
     assert generator.tokenizer.decode(ids).endswith("capital city?")
 

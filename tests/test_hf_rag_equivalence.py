@@ -2,16 +2,16 @@
 `RagTokenForGeneration` on one tiny BART, in value and in gradient (methods.md §1).
 
 Set-up: a tiny random DPR question encoder and a tiny random BART generator (no downloads), wrapped by
-HF's RAG classes *and*, as the very same module object, by our `jointrag.generator.Generator`. Our side
+HF's RAG classes *and*, as the very same module object, by our `jointrag.generation.generator.Generator`. Our side
 goes through `Generator.target_logprobs` unchanged; HF gets precomputed `context_input_ids`,
 `context_attention_mask` and `doc_scores` (a leaf requiring grad), so its retriever and question
 encoder are never used. B = 2 examples, K = 3 passages.
 
 The settings that align the two (found by reading `modeling_rag.py`, transformers 5.x):
 
-1. `context_input_ids` / `context_attention_mask` = `tokenizer.pad(Generator._prompt_ids(prompts))`,
+1. `context_input_ids` / `context_attention_mask` = `tokenizer.pad(Generator.prompt_ids(prompts))`,
    example-major rows (b0k0, b0k1, b0k2, b1k0, ...), right-padded, exactly what our Generator encodes.
-2. `labels = [decoder_start_token_id] + Generator._target_ids(target)`, right-padded with the pad id.
+2. `labels = [decoder_start_token_id] + Generator.target_ids(target)`, right-padded with the pad id.
    HF feeds `labels` unshifted as `decoder_input_ids` and scores `labels[1:]` (it shifts the target
    left by one and pads the end), so its first label plays the decoder-start token. Our Generator
    feeds `shift_tokens_right(target)`, i.e. `[decoder_start] + target[:-1]`, and scores all of
@@ -50,8 +50,8 @@ from transformers import (
 )
 
 from conftest import PASSAGES, make_tokenizer
-from jointrag.generator import Generator
-from jointrag.objectives._math import log_softmax_masked, rag_sequence_nll, rag_token_nll, sequence_logp
+from jointrag.generation.generator import Generator
+from jointrag.maths import log_softmax_masked, rag_sequence_nll, rag_token_nll, sequence_logp
 
 K = 3
 PROMPTS = [
@@ -93,10 +93,10 @@ class Setup:
         self.generator = Generator(bart, tokenizer, name="tiny")
         self.style = style
 
-        ids = self.generator._prompt_ids([p for row in PROMPTS for p in row])  # (B*K), example-major
+        ids = self.generator.prompt_ids([p for row in PROMPTS for p in row])  # (B*K), example-major
         context = tokenizer.pad({"input_ids": ids}, return_tensors="pt")
         self.context_input_ids, self.context_attention_mask = context["input_ids"], context["attention_mask"]
-        self.target_ids = self.generator._target_ids(TARGETS)
+        self.target_ids = self.generator.target_ids(TARGETS)
         start = bart.config.decoder_start_token_id
         self.labels = torch.full((len(TARGETS), max(map(len, self.target_ids)) + 1), tokenizer.pad_token_id)
         for i, t in enumerate(self.target_ids):
@@ -187,9 +187,9 @@ def test_hf_rag_sequence_drops_the_prior_for_one_token_targets():
     """Documents HF's quirk behind note 5: the doc prior sits on the second scored token."""
     setup = Setup("plain")
     one = ["Paris", "Paris"]
-    assert [len(t) for t in setup.generator._target_ids(one)] == [1, 1]
+    assert [len(t) for t in setup.generator.target_ids(one)] == [1, 1]
     start = setup.bart.config.decoder_start_token_id
-    setup.labels = torch.tensor([[start] + t for t in setup.generator._target_ids(one)])
+    setup.labels = torch.tensor([[start] + t for t in setup.generator.target_ids(one)])
     doc_scores = setup.doc_scores.clone()
     with torch.no_grad():
         token_logp, token_mask = setup.generator.target_logprobs(PROMPTS, one)

@@ -1,4 +1,4 @@
-"""Tests for jointrag.index: every index kind, exact search, the manifest checks, safe rebuilds,
+"""Tests for jointrag.retrieval.index: every index kind, exact search, the manifest checks, safe rebuilds,
 stored embeddings and differentiable scoring over them."""
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ import pytest
 import torch
 from transformers import BertModel
 
-import jointrag.index as index_module
-from jointrag.corpus import Corpus
+import jointrag.retrieval.index as index_module
+from jointrag.data.corpus import Corpus
 from jointrag.errors import UserError
-from jointrag.index import KINDS, ExactIndex, RetrievalIndex, build_index
-from jointrag.retriever import load_retriever
+from jointrag.retrieval.index import KINDS, ExactIndex, RetrievalIndex, build_index
+from jointrag.retrieval.encoders import load_retriever
 from jointrag.types import Passage
 
 QUESTIONS = ["What is the capital of France?", "Who won Super Bowl 50?", "Which river flows through Vienna?"]
@@ -390,7 +390,7 @@ def test_no_stray_files_in_the_working_directory(tmp_path, passages, retriever, 
     [({"nlist": 10_000}, "nlist=10000 is larger than the corpus"), ({"m": 5}, "m=5 must divide"), ({"nlist": "abc"}, "positive integer"), ({"nbits": 12}, "nbits=12 needs")],
 )
 def test_bad_ivfpq_settings_are_user_errors(params, message):
-    from jointrag.index import FaissIndex
+    from jointrag.retrieval.index import FaissIndex
 
     embeddings = np.random.default_rng(0).standard_normal((300, 32)).astype(np.float32)
     with pytest.raises(UserError, match=message):
@@ -398,7 +398,7 @@ def test_bad_ivfpq_settings_are_user_errors(params, message):
 
 
 def test_faiss_padding_is_minus_infinity():
-    from jointrag.index import FaissIndex
+    from jointrag.retrieval.index import FaissIndex
 
     embeddings = np.random.default_rng(0).standard_normal((5, 8)).astype(np.float32)
     scores, ids = FaissIndex.build(embeddings, "flat", {}).search(embeddings[:2], 8)
@@ -423,7 +423,7 @@ def recall_at(ids: np.ndarray, exact_ids: np.ndarray) -> float:
 
 
 def test_ivfpq_reranking_raises_recall_and_returns_exact_scores():
-    from jointrag.index import FaissIndex
+    from jointrag.retrieval.index import FaissIndex
 
     x, q = clustered_vectors(4000)
     params = FaissIndex.default_params("ivfpq", len(x), x.shape[1])
@@ -441,7 +441,7 @@ def test_ivfpq_reranking_raises_recall_and_returns_exact_scores():
 
 
 def test_ivfpq_reranking_over_the_whole_corpus_is_exact_search():
-    from jointrag.index import FaissIndex
+    from jointrag.retrieval.index import FaissIndex
 
     x, q = clustered_vectors(600, queries=20)
     params = FaissIndex.default_params("ivfpq", len(x), x.shape[1])
@@ -475,7 +475,7 @@ def test_ivfpq_rerank_setting_through_an_index_directory(tmp_path, retriever):
 
 
 def test_ivfpq_rerank_needs_the_embeddings(tmp_path):
-    from jointrag.index import FaissIndex
+    from jointrag.retrieval.index import FaissIndex
 
     x, _ = clustered_vectors(600)
     params = FaissIndex.default_params("ivfpq", len(x), x.shape[1])
@@ -488,7 +488,7 @@ def test_ivfpq_rerank_needs_the_embeddings(tmp_path):
 def test_ivfpq_training_sample_is_capped(monkeypatch):
     import faiss
 
-    from jointrag.index import FaissIndex
+    from jointrag.retrieval.index import FaissIndex
 
     params = FaissIndex.default_params("ivfpq", 1_000_000, 384)
     size = FaissIndex.train_size(1_000_000, params)

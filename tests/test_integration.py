@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from jointrag.corpus import read_passages
-from jointrag.data import EMBEDDED_SQUAD, embedded_examples
-from jointrag.evaluate import evaluate
-from jointrag.generator import load_generator
-from jointrag.index import build_index
-from jointrag.retriever import load_retriever
+from jointrag.data.corpus import read_passages
+from jointrag.data.qa import EMBEDDED_SQUAD, embedded_examples
+from jointrag.evaluation.evaluate import evaluate
+from jointrag.generation.generator import load_generator
+from jointrag.retrieval.index import build_index
+from jointrag.retrieval.encoders import load_retriever
 
 pytestmark = pytest.mark.integration
 
@@ -34,8 +34,8 @@ def test_default_pipeline_on_one_article(tmp_path, generator):
 def test_default_generator_scores_match_a_direct_call(generator):
     prompts = [["Title: Paris\nParis is the capital of France.\n\nQuestion: What is the capital of France?\nShort answer:"]]
     logp, mask = generator.target_logprobs(prompts, ["Paris"])
-    ids = generator._prompt_ids(prompts[0])[0]
-    target = generator._target_ids(["Paris"])[0]
+    ids = generator.prompt_ids(prompts[0])[0]
+    target = generator.target_ids(["Paris"])[0]
     with torch.no_grad():
         direct = generator.model(torch.tensor([ids + target])).logits[0].log_softmax(-1)
     expected = sum(direct[len(ids) + t - 1, target[t]].item() for t in range(len(target)))

@@ -12,13 +12,15 @@ import numpy as np
 import pytest
 import torch
 
-from cli_helpers import assert_user_error, run, write_jsonl
+from cli_helpers import assert_user_error, resume_finished_pipeline, run, train_argv, write_jsonl
+from conftest import QA
 from jointrag.cli import main
-from jointrag.objectives.invar import alignment_kl, info_nce, invariance_kl
+from jointrag.methods.invar import alignment_kl, info_nce, invariance_kl
 from jointrag.types import Example
-from test_train import QA, files, index_dir, isolated_home, train_argv  # noqa: F401 (fixtures)
 
 NEG_INF = float("-inf")
+
+pytestmark = pytest.mark.usefixtures("isolated_home")
 
 
 # --- the three losses against brute force ---------------------------------------------------------
@@ -214,7 +216,7 @@ def test_invar_settings_are_checked(files, index_dir, tiny_dir, tmp_path, capsys
 
 
 def test_a_decoder_only_lm_is_a_retriever(files, tiny_dir, tmp_path, capsys):
-    from jointrag.retriever import load_retriever
+    from jointrag.retrieval.encoders import load_retriever
 
     retriever = load_retriever(str(tiny_dir / "causal"))
     tower = retriever.query_encoder
@@ -295,13 +297,6 @@ def test_the_memory_check_counts_what_each_stage_runs(files, index_dir, tiny_dir
     assert (seen[-1]["k"], seen[-1]["tokens"]) == (2, 512)  # LM-ft: k' prompts of model.max_prompt_tokens
 
 
-def test_pipeline_resume_skips_finished_stages_and_evaluates_the_same_models(pipeline_run, monkeypatch):
-    from jointrag.config import load_config
-    from jointrag.train import loop, train
-
-    def no_training(self, resume=False):
-        raise AssertionError("a finished stage was trained again")
-
-    monkeypatch.setattr(loop.Trainer, "run", no_training)
+def test_pipeline_resume_skips_finished_stages_and_evaluates_the_same_models(pipeline_run):
     rows = json.loads((pipeline_run / "table" / "top1" / "table.json").read_text())
-    assert train(load_config(str(pipeline_run / "config.yaml")), resume=True) == rows
+    assert resume_finished_pipeline(pipeline_run) == rows

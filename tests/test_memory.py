@@ -12,12 +12,10 @@ from transformers import AutoModelForCausalLM
 import jointrag.memory as memory
 from cli_helpers import assert_user_error, run, write_jsonl
 from jointrag.errors import UserError
-from jointrag.generator import with_lora
-from jointrag.index import build_index
-from jointrag.memory import (
-    GIB, SKIP_ENV, available_bytes, check_memory, check_training_memory, index_estimate, training_estimate,
-)
-from jointrag.retriever import load_retriever
+from jointrag.generation.generator import with_lora
+from jointrag.memory import GIB, SKIP_ENV, available_bytes, check_memory, check_training_memory, training_estimate
+from jointrag.retrieval.index import build_index, index_estimate
+from jointrag.retrieval.encoders import load_retriever
 
 
 @pytest.fixture

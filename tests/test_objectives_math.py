@@ -15,7 +15,7 @@ import pytest
 import torch
 from scipy import stats
 
-from jointrag.objectives._math import (
+from jointrag.maths import (
     kl_divergence,
     log_softmax_masked,
     mis_chain,

@@ -1,4 +1,4 @@
-"""Tests for jointrag.plot: the PNGs a run's metrics.jsonl gives, the errors for bad input, and the
+"""Tests for jointrag.evaluation.plot: the PNGs a run's metrics.jsonl gives, the errors for bad input, and the
 `jointrag plot` subcommand."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 
 from jointrag.cli import EXIT_USER_ERROR, main
 from jointrag.errors import UserError
-from jointrag.plot import moving_average, plot_run, read_metrics
+from jointrag.evaluation.plot import moving_average, plot_run, read_metrics
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -79,8 +79,8 @@ def test_missing_file(tmp_path):
 @pytest.mark.parametrize(
     ("bad", "names"),
     [
-        ('{"step": 3, "split": "train", "loss":', ("line 2", "invalid JSON")),
-        ("[1, 2]", ("line 2", "JSON object")),
+        ('{"step": 3, "split": "train", "loss":', ("line 2: invalid JSON: Expecting value",)),
+        ("[1, 2]", ("line 2: expected a JSON object, got list",)),
         ('{"split": "train", "loss": 1.0}', ("line 2", "'step'", "missing")),
         ('{"step": "3", "split": "train"}', ("line 2", "'step'", "integer")),
         ('{"step": 3, "split": "test"}', ("line 2", "'split'", "'train' or 'eval'")),

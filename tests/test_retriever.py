@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from jointrag.errors import UserError
-from jointrag.retriever import load_encoder, load_retriever, pool
+from jointrag.retrieval.encoders import load_encoder, load_retriever, pool
 
 
 def test_pooling_against_hand_computed_values():

@@ -9,7 +9,6 @@ invariants, not learning.
 from __future__ import annotations
 
 import json
-import math
 import re
 from pathlib import Path
 
@@ -18,86 +17,21 @@ import pytest
 import torch
 
 from jointrag.cli import main
-from cli_helpers import assert_user_error, run, write_jsonl
+from cli_helpers import (
+    assert_complete_run,
+    assert_resumes_on_the_same_trajectory,
+    assert_user_error,
+    check_method_lines,
+    read_metrics,
+    run,
+    train_argv,
+    weights_of,
+)
+from conftest import QA
 
-QA = [
-    {"id": "q1", "question": "What is the capital of France?", "answers": ["Paris"], "gold_ids": ["p0"]},
-    {"id": "q2", "question": "Who won Super Bowl 50?", "answers": ["Denver Broncos"], "gold_ids": ["p6"]},
-    {"id": "q3", "question": "What do plants make from light?", "answers": ["sugar"], "gold_ids": ["p7"]},
-    {"id": "q4", "question": "What is the capital of Italy?", "answers": ["Rome"], "gold_ids": ["p2"]},
-]
 METHODS = ("rag-sequence", "rag-token", "vrag", "jsa")
 
-
-@pytest.fixture(autouse=True)
-def isolated_home(tmp_path, monkeypatch):
-    """No test may build or read the default index in the real home."""
-    monkeypatch.setenv("JOINTRAG_HOME", str(tmp_path / "home"))
-    yield
-    assert not (tmp_path / "home").exists()
-
-
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    from conftest import PASSAGES
-
-    root = tmp_path_factory.mktemp("train-files")
-    corpus = write_jsonl(root / "corpus.jsonl", [{"id": p.id, "title": p.title, "text": p.text} for p in PASSAGES])
-    qa = write_jsonl(root / "qa.jsonl", QA)
-    return {"corpus": corpus, "qa": qa}
-
-
-@pytest.fixture(scope="module")
-def index_dir(files, tiny_dir, tmp_path_factory) -> str:
-    """An exact index of the fixture passages, built once through the CLI and only read after."""
-    out = tmp_path_factory.mktemp("train-index") / "index"
-    assert main(["index", "--corpus", str(files["corpus"]), "--out", str(out), "--retriever", str(tiny_dir / "encoder"),
-                 "--precision", "fp32"]) == 0
-    return str(out)
-
-
-
-
-
-
-def train_argv(files, index_dir, tiny_dir, out, method="jsa", steps=2, *sets, generator="causal") -> list[str]:
-    """`jointrag train` on the tiny models: batch 2, k 3, 5 proposals, 3 dev questions, 3 new tokens."""
-    argv = ["train", "--method", method, "--index", index_dir, "--data", files["qa"], "--out", out, "--steps", steps]
-    defaults = [f"data.dev={files['qa']}", f"model.generator={tiny_dir / generator}", "train.batch_size=2",
-                "method.k=3", "method.proposals=5", "eval.limit=3", "eval.max_new_tokens=3", "eval.k=3",
-                "train.precision=fp32"]
-    for setting in defaults + list(sets):
-        argv += ["--set", setting]
-    return [str(a) for a in argv]
-
-
-def read_metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines() if line.strip()]
-
-
-def train_lines(out: Path) -> list[dict]:
-    return [r for r in read_metrics(out) if r["split"] == "train" and "loss" in r]
-
-
-def assert_complete_run(out: Path, steps: int) -> list[dict]:
-    """The run directory of a finished run; returns its train lines."""
-    out = Path(out)
-    for name in ("weights.pt", "trainer.pt", "config.yaml"):
-        assert (out / "checkpoint" / name).is_file(), name
-    assert not (out / "checkpoint.tmp").exists() and not (out / "checkpoint.old").exists()
-    assert (out / "tensorboard").is_dir() and any((out / "tensorboard").iterdir())
-    assert (out / "plots" / "loss.png").is_file()
-    records = read_metrics(out)
-    train = [r for r in records if r["split"] == "train" and "loss" in r]
-    assert [r["step"] for r in train] == list(range(1, steps + 1))
-    assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in train)
-    evals = [r for r in records if r["split"] == "eval"]
-    assert evals and evals[-1]["step"] == steps
-    assert {"em", "f1"} <= evals[-1].keys() and all(0 <= evals[-1][k] <= 100 for k in ("em", "f1"))
-    assert torch.load(out / "checkpoint" / "trainer.pt", weights_only=False)["step"] == steps
-    return train
+pytestmark = pytest.mark.usefixtures("isolated_home")
 
 
 # --- 1. a tiny run of every method through the CLI ------------------------------------------------
@@ -119,14 +53,6 @@ def jsa_run(files, index_dir, tiny_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("jsa-run") / "run"
     assert main(train_argv(files, index_dir, tiny_dir, out, "jsa", 2)) == 0
     return out
-
-
-def check_method_lines(method: str, train: list[dict]) -> None:
-    if method == "jsa":
-        assert all(0.0 <= r["acceptance"] <= 1.0 for r in train)
-        assert all(r["distinct_states"] >= 1 and r["pool"] >= 3 for r in train)
-    if method == "vrag":
-        assert all(r["kl"] >= 0.0 and math.isfinite(r["elbo"]) for r in train)
 
 
 def test_jsa_run(jsa_run):
@@ -234,62 +160,26 @@ def test_lora_trains_only_the_adapter(files, index_dir, tiny_dir, tmp_path, meth
 # --- 3. checkpoint and resume ---------------------------------------------------------------------
 
 
-def weights_of(out: Path) -> dict:
-    return torch.load(Path(out) / "checkpoint" / "weights.pt", weights_only=True)
-
-
-def losses_by_step(out: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in train_lines(out)}
-
-
-def assert_same_trajectory(straight: Path, resumed: Path) -> None:
-    a, b = weights_of(straight), weights_of(resumed)
-    assert a.keys() == b.keys() and a
-    for name in a:
-        torch.testing.assert_close(b[name], a[name], rtol=1e-6, atol=1e-7, msg=name)
-    expected, got = losses_by_step(straight), losses_by_step(resumed)
-    assert sorted(got) == [1, 2, 3, 4]
-    assert [got[s] for s in (3, 4)] == pytest.approx([expected[s] for s in (3, 4)], rel=1e-6, abs=1e-7)
-    assert torch.load(resumed / "checkpoint" / "trainer.pt", weights_only=False)["step"] == 4
-
-
 def test_resume_extends_a_finished_run_on_the_same_trajectory(files, index_dir, tiny_dir, tmp_path):
     """2 steps, then `--resume --steps 4`, equals 4 steps straight. JSA has the most state to carry: the
     chain cache, the sampling RNG, the data position. The schedule is constant because a decaying one
     depends on train.steps (a 2-step run decays faster than the first half of a 4-step run)."""
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    constant = "train.schedule=constant"
-    assert main(train_argv(files, index_dir, tiny_dir, straight, "jsa", 4, constant)) == 0
-    assert main(train_argv(files, index_dir, tiny_dir, resumed, "jsa", 2, constant)) == 0
-    state = torch.load(resumed / "checkpoint" / "trainer.pt", weights_only=False)
-    assert state["step"] == 2 and state["objective"]["chain_cache"]  # the chain cache is saved
-    assert main(train_argv(files, index_dir, tiny_dir, resumed, "jsa", 4, constant) + ["--resume"]) == 0
-    assert_same_trajectory(straight, resumed)
+    assert_resumes_on_the_same_trajectory(
+        tmp_path, lambda out, steps: train_argv(files, index_dir, tiny_dir, out, "jsa", steps, "train.schedule=constant"),
+        saved=lambda state: state["objective"]["chain_cache"],  # the chain cache is saved
+    )
 
 
-def test_resume_after_an_interruption_on_the_same_trajectory(files, index_dir, tiny_dir, tmp_path, monkeypatch):
+def test_resume_after_an_interruption_on_the_same_trajectory(files, index_dir, tiny_dir, tmp_path):
     """A 4-step run (linear schedule, a checkpoint every 2 steps) interrupted in step 3, then resumed,
     equals 4 steps straight: the optimiser and scheduler states come back too."""
-    from jointrag.objectives.jsa import JSA
+    from jointrag.methods.jsa import JSA
 
     settings = ("train.save_every=2", "train.warmup_steps=1")
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert main(train_argv(files, index_dir, tiny_dir, straight, "jsa", 4, *settings)) == 0
-
-    calls, original = [], JSA.__call__
-
-    def interrupted(self, system, batch):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return original(self, system, batch)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(JSA, "__call__", interrupted)
-        assert main(train_argv(files, index_dir, tiny_dir, resumed, "jsa", 4, *settings)) == 130
-    assert torch.load(resumed / "checkpoint" / "trainer.pt", weights_only=False)["step"] == 2
-    assert main(train_argv(files, index_dir, tiny_dir, resumed, "jsa", 4, *settings) + ["--resume"]) == 0
-    assert_same_trajectory(straight, resumed)
+    assert_resumes_on_the_same_trajectory(
+        tmp_path, lambda out, steps: train_argv(files, index_dir, tiny_dir, out, "jsa", steps, *settings),
+        interrupt=(JSA, 3), saved_step=2,
+    )
 
 
 def test_extending_a_run_resumes_at_the_rate_of_the_new_schedule(jsa_run):
@@ -406,7 +296,7 @@ def refresh_run(files, index_dir, tiny_dir, tmp_path_factory) -> Path:
 
 
 def test_training_the_passage_tower_refreshes_the_index(refresh_run, index_dir):
-    from jointrag.index import read_manifest
+    from jointrag.retrieval.index import read_manifest
 
     assert_complete_run(refresh_run, 3)
     manifest = read_manifest(refresh_run / "index")
@@ -425,7 +315,7 @@ def test_training_the_passage_tower_refreshes_the_index(refresh_run, index_dir):
 
 
 def test_a_checkpoint_with_a_trained_passage_tower_evaluates(capsys, refresh_run, files, tmp_path):
-    from jointrag.index import read_manifest
+    from jointrag.retrieval.index import read_manifest
     from jointrag.train import load_trained
 
     _, system = load_trained(refresh_run / "checkpoint")
@@ -437,28 +327,16 @@ def test_a_checkpoint_with_a_trained_passage_tower_evaluates(capsys, refresh_run
     assert json.loads(out)["index"] == str(refresh_run / "index")
 
 
-def test_resume_a_passage_tower_run_between_refreshes(files, index_dir, tiny_dir, tmp_path, monkeypatch):
+def test_resume_a_passage_tower_run_between_refreshes(files, index_dir, tiny_dir, tmp_path):
     """The checkpoint of step 3 holds the index of step 2 (refresh every 2 steps), built by an older passage
     tower than the one saved; resuming from it must still continue the straight run's trajectory."""
-    from jointrag.objectives.rag import RagSequence
+    from jointrag.methods.rag import RagSequence
 
     settings = ("model.train_passage_tower=true", "model.refresh=0-:2", "train.save_every=3")
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert main(train_argv(files, index_dir, tiny_dir, straight, "rag-sequence", 4, *settings)) == 0
-    calls, original = [], RagSequence.__call__
-
-    def interrupted(self, system, batch):
-        calls.append(1)
-        if len(calls) == 4:
-            raise KeyboardInterrupt
-        return original(self, system, batch)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(RagSequence, "__call__", interrupted)
-        assert main(train_argv(files, index_dir, tiny_dir, resumed, "rag-sequence", 4, *settings)) == 130
-    assert torch.load(resumed / "checkpoint" / "trainer.pt", weights_only=False)["step"] == 3
-    assert main(train_argv(files, index_dir, tiny_dir, resumed, "rag-sequence", 4, *settings) + ["--resume"]) == 0
-    assert_same_trajectory(straight, resumed)
+    assert_resumes_on_the_same_trajectory(
+        tmp_path, lambda out, steps: train_argv(files, index_dir, tiny_dir, out, "rag-sequence", steps, *settings),
+        interrupt=(RagSequence, 4), saved_step=3,
+    )
 
 
 # --- 6. eval and ask with a trained checkpoint ----------------------------------------------------

@@ -1,4 +1,4 @@
-"""Tests for jointrag.variance and `jointrag variance` on the tiny models: the one-pass statistics
+"""Tests for jointrag.train.variance and `jointrag variance` on the tiny models: the one-pass statistics
 against numpy, RAG's zero draw variance against the sampling estimators' positive one, the output
 files, and the user errors."""
 
@@ -12,7 +12,7 @@ import torch
 
 from jointrag.cli import EXIT_USER_ERROR, main
 from jointrag.errors import UserError
-from jointrag.variance import METHODS, GradientMoments, format_table, run_variance
+from jointrag.train.variance import GradientMoments, format_table, labels, run_variance
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 QUESTIONS = [
@@ -86,7 +86,7 @@ def test_identical_gradients_have_exactly_zero_variance():
 
 def test_draw_variance_is_zero_only_for_the_deterministic_estimators(report):
     methods = report["methods"]
-    assert list(methods) == [label for label, _, _ in METHODS]
+    assert list(methods) == labels() == ["rag-sequence", "rag-token", "vrag-enumerate", "vrag-sample", "jsa"]
     for label in ("rag-sequence", "rag-token", "vrag-enumerate"):
         for tower, stats in methods[label]["draws"].items():
             assert stats["trace_cov"] == 0.0, (label, tower)
@@ -183,8 +183,8 @@ def test_trained_checkpoint(capsys, setup, tmp_path):
 
 
 def test_scored_once_gives_the_generator_values(tiny_dir):
-    from jointrag.generator import load_generator
-    from jointrag.variance import scored_once
+    from jointrag.generation.generator import load_generator
+    from jointrag.train.variance import scored_once
 
     generator = load_generator(str(tiny_dir / "causal"), precision="fp32").eval()
     prompts, targets = ["Title: Paris\nParis is in France.\nQ: capital?", "Q: who won?"], ["Paris", "Denver Broncos"]
@@ -193,13 +193,13 @@ def test_scored_once_gives_the_generator_values(tiny_dir):
         pass
     generator.requires_grad_(False)
     calls = []
-    original = generator._flat_logprobs
-    generator._flat_logprobs = lambda *a: calls.append(len(a[0])) or original(*a)
+    original = generator.flat_logprobs
+    generator.flat_logprobs = lambda *a: calls.append(len(a[0])) or original(*a)
     with scored_once(generator) as memo:
         logp, mask = generator.pair_logprobs(prompts, targets)
         again, _ = generator.pair_logprobs([prompts[1], prompts[1], prompts[0]], [targets[1], targets[1], "Rome"])
         assert len(memo) == 3
-    del generator._flat_logprobs
+    del generator.flat_logprobs
     assert calls == [2, 1]  # only the new pair is scored the second time
     assert torch.equal(mask, expected_mask)
     assert torch.allclose(logp, expected_logp, atol=1e-5)

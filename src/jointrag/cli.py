@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -17,18 +16,6 @@ from .errors import UserError
 
 EXIT_USER_ERROR = 2
 INDEX_DIST_TIMEOUT = 3600  # seconds a rank of `torchrun ... index` waits for the others (rank 0 stores the corpus alone)
-PIPELINE_OUTPUTS = {  # what the two-stage methods write, besides their stages' runs
-    "ra-dit": "checkpoint (LM-ft + R-ft), lm-ft/, r-ft/ and ablation/{decode}/",
-    "bgm": "sl/, ppo/ (ppo/checkpoint is the trained bridge), silver.jsonl and bgm/",
-}
-
-
-def default_home() -> Path:
-    return Path(os.environ.get("JOINTRAG_HOME", Path.home() / ".cache" / "jointrag")).expanduser()
-
-
-def default_index_dir() -> Path:
-    return default_home() / "indexes" / "squad-v1.1-dev-minilm"
 
 
 def positive_int(value: str) -> int:
@@ -57,103 +44,20 @@ def parse_params(pairs: list[str]) -> dict:
     return params
 
 
-def build(args, sharded: bool = False) -> "RetrievalIndex | None":  # noqa: F821 (imported lazily to keep --help fast)
-    """The index `args` describe; `sharded`: under torchrun, every rank encodes its share of the corpus
-    and only rank 0 gets the index (`distributed_index.build_index_sharded`)."""
-    from .corpus import chunk_passages, read_passages
-    from .data import EMBEDDED_SQUAD
-    from .distributed_index import build_index_sharded
-    from .index import build_index
-    from .retriever import load_retriever
+def build(args, sharded: bool = False):
+    """The index `args` describe (`retrieval.resolve.build_from_file`)."""
+    from .retrieval.resolve import build_from_file
 
-    corpus_path = Path(args.corpus) if args.corpus else EMBEDDED_SQUAD
-    if not corpus_path.is_file():
-        raise UserError(f"corpus file {corpus_path} does not exist")
-    passages = read_passages(corpus_path, args.format)
-    if args.chunk_words:
-        passages = chunk_passages(passages, args.chunk_words)
-    retriever = None if args.kind == "bm25" else load_retriever(args.retriever)
-    return (build_index_sharded if sharded else build_index)(
-        passages,
-        Path(args.out) if args.out else default_index_dir(),
-        retriever=retriever,
-        kind=args.kind,
-        params=parse_params(args.param),
-        batch_size=args.batch_size,
-        precision=args.precision,
-        source=str(corpus_path),
-        memory_check=not args.no_memory_check,
-    )
+    return build_from_file(args.corpus, args.out, format=args.format, chunk_words=args.chunk_words, retriever=args.retriever,
+                           kind=args.kind, params=parse_params(args.param), batch_size=args.batch_size,
+                           precision=args.precision, memory_check=not args.no_memory_check, sharded=sharded)
 
 
-def open_index(args) -> "RetrievalIndex":  # noqa: F821
+def open_index(args):
     """The index named by --index, or the default one, built on first use."""
+    from .retrieval.resolve import resolve_index
+
     return resolve_index(args.index, args.retriever, parse_params(args.param))
-
-
-def resolve_index(index: str | None, retriever_name: str | None = None, params: dict | None = None) -> "RetrievalIndex":  # noqa: F821
-    """Open `index` (default: the embedded SQuAD index, built on first use) with its passage tower
-    and the query tower `retriever_name` (default: the encoder named in the manifest)."""
-    from .index import RetrievalIndex, read_manifest
-    from .retriever import load_retriever
-
-    if index is None:
-        directory = default_index_dir()
-        if not (directory / "manifest.json").is_file():
-            print(f"building the default index in {directory} (once)", file=sys.stderr)
-            defaults = argparse.Namespace(corpus=None, format=None, chunk_words=None, retriever=None, kind="exact", out=None, param=[], batch_size=64, precision="auto",
-                                          no_memory_check=False)
-            return build(defaults)
-    else:
-        directory = Path(index)
-    manifest = read_manifest(directory)
-    encoder = manifest.get("encoder")
-    retriever = None
-    if encoder is not None:
-        retriever = load_retriever(
-            retriever_name or encoder["name"],
-            pooling=encoder["pooling"],
-            normalize=encoder["normalize"],
-            max_length=encoder["max_length"],
-            passage_template=encoder["passage_template"],
-            query_template=encoder.get("query_template", "{question}"),  # recorded since LLM retrievers (instruction prefixes)
-        )
-    return RetrievalIndex.open(directory, retriever, params or {})
-
-
-def load_template(path: str | None) -> "PromptTemplate":  # noqa: F821
-    """The prompt template from a YAML file (keys: the fields of `PromptTemplate`), or the default."""
-    from .generator import PLACEHOLDERS, PromptTemplate
-
-    return PromptTemplate() if path is None else load_fields(path, PromptTemplate, PLACEHOLDERS, required=("template",))
-
-
-def load_fields(path: str, cls, placeholders: dict, required: tuple[str, ...] = ()):
-    """A `cls` (a dataclass of templates and settings) from a YAML mapping of some of its fields: each
-    value must have its default's type, and each template field may use only its `placeholders`."""
-    import dataclasses
-
-    import yaml
-
-    try:
-        fields = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as error:
-        raise UserError(f"cannot read template file {path}: {' '.join(str(error).split())}") from None
-    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
-    if not isinstance(fields, dict) or not fields.keys() <= defaults.keys() or not set(required) <= fields.keys():
-        optional = sorted(defaults.keys() - set(required))
-        wanted = f"{', '.join(map(repr, required))} and optionally" if required else "some of"
-        raise UserError(f"{path}: expected a mapping with {wanted} {optional}")
-    for name, value in fields.items():
-        if type(value) is not type(defaults[name]):
-            raise UserError(f"{path}, field '{name}': expected {type(defaults[name]).__name__}, got {value!r}")
-    for name, samples in placeholders.items():
-        try:
-            fields.get(name, "").format(**samples)
-        except (KeyError, IndexError, ValueError) as error:
-            allowed = ", ".join(f"{{{key}}}" for key in samples)
-            raise UserError(f"{path}, field '{name}': bad placeholder {error}; it may use {allowed}") from None
-    return cls(**fields)
 
 
 def print_table(metrics: dict) -> None:
@@ -174,7 +78,7 @@ def cmd_index(args) -> None:
 
 
 def cmd_retrieve(args) -> None:
-    from .evaluate import retrieve
+    from .evaluation.evaluate import retrieve
 
     index = open_index(args)
     results = retrieve(index, args.question, args.k)
@@ -195,11 +99,11 @@ def answering(args, with_generator: bool = True):
     """(index, generator, template, decoder, tau, bridged) from --checkpoint, or from the separate
     options; `bridged` is the `BridgeSystem` of a BGM checkpoint (its answers go through the bridge),
     else None."""
-    from .generator import load_generator
+    from .generation.generator import load_generator, load_template
 
     decoder, tau = args.decode or "top1", args.tau or 0.1
     if args.checkpoint:
-        from .bgm import BridgeSystem
+        from .methods.bgm_bridge import BridgeSystem
         from .train import load_trained
 
         config, system = load_trained(args.checkpoint)
@@ -215,8 +119,8 @@ def answering(args, with_generator: bool = True):
 
 
 def cmd_ask(args) -> None:
-    from .bgm import bridge_answers
-    from .evaluate import decode, retrieve
+    from .methods.bgm_bridge import bridge_answers
+    from .evaluation.evaluate import decode, retrieve
     from .types import Example
 
     index, generator, template, decoder, tau, bridged = answering(args)
@@ -244,8 +148,9 @@ def cmd_ask(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from .data import embedded_examples, load_examples, write_jsonl
-    from .evaluate import evaluate
+    from .data.qa import embedded_examples, load_examples
+    from .io import write_jsonl
+    from .evaluation.evaluate import evaluate
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -255,7 +160,7 @@ def cmd_eval(args) -> None:
         examples = examples[: args.limit]
     index, generator, template, decoder, tau, bridged = answering(args, with_generator=not args.retrieval_only)
     if bridged is not None and generator is not None:
-        from .bgm import bridge_answers, score_bridged
+        from .methods.bgm_bridge import bridge_answers, score_bridged
 
         result = bridge_answers(bridged, examples, k=args.k, num_beams=args.beams, max_new_tokens=args.max_new_tokens,
                                 batch_size=args.batch_size)
@@ -278,8 +183,9 @@ def cmd_eval(args) -> None:
 
 def cmd_dialog_data(args) -> None:
     """Convert a dialog set into QA JSONL files split by dialog, and its knowledge into a corpus."""
-    from .data import save_examples, write_jsonl
-    from .dialog import dialog_id, load_dialog, split_by_dialog
+    from .data.qa import save_examples
+    from .io import write_jsonl
+    from .data.dialog import dialog_id, load_dialog, split_by_dialog
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -302,7 +208,7 @@ def cmd_dialog_data(args) -> None:
 
 
 def cmd_plot(args) -> None:
-    from .plot import plot_run
+    from .evaluation.plot import plot_run
 
     paths = plot_run(args.run_dir)
     if args.json:
@@ -324,6 +230,7 @@ def cmd_train(args) -> None:
     overrides = [f"{key}={value}" for key, value in shorthands.items() if value is not None] + args.overrides
     config = load_config(args.config, overrides)
     from .distributed import is_main
+    from .methods import method
     from .train import train
 
     metrics = train(config, resume=args.resume)
@@ -331,18 +238,18 @@ def cmd_train(args) -> None:
         return
     if args.json:
         print(json.dumps(metrics))
-    elif config.method.name in PIPELINE_OUTPUTS:
+    elif method(config.method.name).pipeline is not None:
         from .train.pipeline import format_table
 
         print(format_table(metrics))
-        print(f"\nwrote {config.out}/: " + PIPELINE_OUTPUTS[config.method.name].format(decode=config.eval.decode))
+        print(f"\nwrote {config.out}/: " + method(config.method.name).outputs.format(decode=config.eval.decode))
     else:
         print_table(metrics)
         print(f"\nwrote {config.out}/checkpoint, metrics.jsonl, tensorboard/ and plots/")
 
 
 def cmd_variance(args) -> None:
-    from .variance import format_table, run_variance
+    from .train.variance import format_table, run_variance
 
     report = run_variance(
         args.config, checkpoint=args.checkpoint, overrides=args.overrides, examples=args.examples,
@@ -377,7 +284,7 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    from .config import CHOICES
+    from .methods import METHODS
 
     parser = argparse.ArgumentParser(prog="jointrag", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -419,9 +326,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/eval", help="output directory (default runs/eval)")
     p.set_defaults(run=cmd_eval)
 
-    p = commands.add_parser("train", help="train a RAG model: rag-sequence, rag-token, vrag, jsa, ra-dit or bgm")
+    p = commands.add_parser("train", help="train a RAG model: " + ", ".join(METHODS))
     p.add_argument("--config", help="YAML recipe (see configs/); settings not given keep their defaults")
-    p.add_argument("--method", choices=CHOICES["method.name"], help="shorthand for --set method.name=...")
+    p.add_argument("--method", choices=list(METHODS), help="shorthand for --set method.name=...")
     p.add_argument("--data", help="training QA file (shorthand for --set data.train=...; default: the embedded train split)")
     p.add_argument("--index", help="index directory (shorthand for --set model.index=...)")
     p.add_argument("--out", help="run directory (shorthand for --set out=...)")

@@ -11,7 +11,6 @@ a memory map on a fast disk, an estimate that is too pessimistic for their data)
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,8 +33,6 @@ FLOAT32 = 4
 # with the tokens (SDPA keeps no tokens x tokens attention matrix); eager attention would need more.
 ACTIVATION_BYTES = {"fp32": 96, "bf16": 80}
 ANSWER_TOKENS = 32  # target tokens after the prompt, whose vocabulary logits a training step forms (the generator keeps only those)
-ADD_BATCH = 100_000  # vectors `FaissIndex.build` adds to an IVF-PQ index at once
-BYTES_PER_WORD = 6  # English text, word plus space: turns a corpus size into a BM25 token count
 
 
 @dataclass
@@ -56,56 +53,6 @@ class Estimate:
 
 def gib(size: int) -> str:
     return f"{size / GIB:.1f} GiB"
-
-
-def index_estimate(kind: str, count: int, dim: int | None, params: dict | None = None, text_bytes: int = 0) -> Estimate:
-    """Host memory to build and search an index of `count` passages of `dim` float32 values.
-
-    exact: the vectors (memory-mapped: they need not fit, but search then reads them from disk each
-    time); flat: the vectors; hnsw: the vectors and the graph, an int32 per link, 2M links on level 0
-    and M on each of the expected 1/(M-1) upper levels, plus a level and an offset per node; ivfpq:
-    the PQ codes and int64 ids of the inverted lists, the coarse and PQ centroids, the float32 training
-    sample (`FaissIndex.train_size`) and its residuals for the PQ k-means, and the float32 residuals of a
-    batch of vectors being added (the embeddings it re-ranks from stay memory-mapped); bm25: the corpus texts
-    (`text_bytes`) held as Python strings, their token ids as Python ints, and the sparse score matrix.
-    """
-    from .index import FaissIndex
-
-    params = {**FaissIndex.default_params(kind, count, dim or 1), **(params or {})}
-    vectors = count * (dim or 0) * FLOAT32
-    what = f"{'a' if kind == 'flat' else 'an'} {kind} index of {count:,} x {dim} float32"
-    if kind in ("exact", "flat"):
-        parts = {"vectors": vectors}
-    elif kind == "hnsw":
-        m = params["M"]
-        parts = {"vectors": vectors, "graph": round(count * (FLOAT32 * (2 * m + m / max(m - 1, 1)) + 4 + 8))}
-    elif kind == "ivfpq":
-        nlist, m, nbits = params["nlist"], params["m"], params["nbits"]
-        parts = {
-            "codes and ids": count * (math.ceil(m * nbits / 8) + 8),
-            "centroids": (nlist + 2**nbits) * dim * FLOAT32,
-            "training sample": FaissIndex.train_size(count, params) * dim * FLOAT32,
-            "training residuals": min(FaissIndex.train_size(count, params), 256 * 2**nbits) * dim * FLOAT32,
-            "add batch": min(count, ADD_BATCH) * dim * FLOAT32,
-        }
-    else:
-        what = f"a bm25 index of {count:,} passages ({gib(text_bytes)} of text)"
-        words = text_bytes // BYTES_PER_WORD
-        parts = {"texts": text_bytes + 50 * count, "token ids": words * 36, "score matrix": words * 8}
-    return Estimate(what, parts, _index_suggestion(kind, count, dim, params))
-
-
-def _index_suggestion(kind: str, count: int, dim: int | None, params: dict) -> str:
-    from .index import FaissIndex
-
-    if kind == "bm25":
-        return "use a dense index (--kind ivfpq)"
-    if kind == "ivfpq":
-        return f"lower --param nlist (the build trains on {FaissIndex.TRAIN_PER_LIST} vectors per list) or --param m"
-    ivfpq = index_estimate("ivfpq", count, dim).parts
-    return (f"use --kind ivfpq: with the default settings its index holds {gib(ivfpq['codes and ids'] + ivfpq['centroids'])} "
-            f"and its build needs {gib(ivfpq['training sample'] + ivfpq['training residuals'] + ivfpq['add batch'])} more "
-            f"for training and adding vectors")
 
 
 def training_estimate(

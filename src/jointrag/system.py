@@ -14,16 +14,17 @@ Candidates are corpus rows in a (B, K) integer array, -1 where an example has fe
 from __future__ import annotations
 
 import copy
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from .generator import Generator, Prompt, PromptTemplate
-from .index import RetrievalIndex
-from .objectives._math import sequence_logp
-from .retriever import BiEncoder, Encoder
+from .generation.generator import Generator, Prompt, PromptTemplate
+from .retrieval.index import RetrievalIndex
+from .maths import sequence_logp
+from .retrieval.encoders import BiEncoder, Encoder
+from .errors import UserError
 from .types import Example, Passage
 
 EMPTY = Passage("", "", "")
@@ -37,6 +38,37 @@ def union_rows(*columns: np.ndarray) -> np.ndarray:
     for i, m in enumerate(merged):
         out[i, : len(m)] = m
     return out
+
+
+def load_weights(system: nn.Module, weights: dict, where) -> None:
+    """Load trained `weights` (a subset of `system`'s parameters) read from `where`; weights for
+    parameters the system does not have are refused."""
+    missing = set(weights) - {name for name, _ in system.named_parameters()}
+    if missing:
+        raise UserError(f"{where}: weights for parameters this model does not have: {sorted(missing)[:3]}")
+    system.load_state_dict(weights, strict=False)
+
+
+def eval_frozen(parts: Iterable[nn.Module | None]) -> None:
+    """Put each part that has parameters but trains none of them in eval mode (no dropout), after
+    `train()`: a frozen model scores (rewards, silver sequences, LSR targets) and must not add noise.
+
+    A part that trains (any parameter with requires_grad, a LoRA model too) is left wholly in train
+    mode, and so is every module it shares with a frozen part: the same tower twice (tied towers), a
+    retriever tower over the generator's body (Invar-RAG's `AdapterView`).
+    """
+    present = list({id(p): p for p in parts if p is not None}.values())
+    trains = {id(p): any(w.requires_grad for w in p.parameters()) for p in present}
+    training = {id(m) for p in present if trains[id(p)] for m in p.modules()}
+    for part in present:
+        if trains[id(part)] or next(part.parameters(), None) is None:
+            continue
+        if not any(id(m) in training for m in part.modules()):
+            part.eval()
+            continue
+        for module in part.modules():  # shares a module with a training part: the rest only
+            if id(module) not in training:
+                module.training = False
 
 
 class RAGSystem(nn.Module):
@@ -61,6 +93,15 @@ class RAGSystem(nn.Module):
         self.posterior_template = posterior_template
         self.train_passage_tower = train_passage_tower
         self.max_pairs = max_pairs
+
+    def train(self, mode: bool = True) -> "RAGSystem":
+        """Train mode for the parts that train; the frozen ones (the LM under RA-DIT's LSR, the passage
+        tower when its stored embeddings are used) stay in eval mode (`eval_frozen`)."""
+        super().train(mode)
+        if mode:
+            r = self.retriever
+            eval_frozen([r.query_encoder, r.passage_encoder, self.posterior, self.generator])
+        return self
 
     def add_posterior(self) -> None:
         """Start q(z|x,y) from a copy of the prior's query tower (methods.md §2)."""

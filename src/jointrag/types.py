@@ -22,7 +22,7 @@ class Passage:
 class Example:
     """A QA example: a question, its reference answers, and the ids of its gold passages if known.
 
-    A dialog example (see `jointrag.dialog`) also carries `history`: the (speaker, text) turns before
+    A dialog example (see `jointrag.data.dialog`) also carries `history`: the (speaker, text) turns before
     the response, speaker "user" or "agent"; its `question` is the retrieval query built from them.
     """
 

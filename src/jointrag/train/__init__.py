@@ -1,5 +1,7 @@
-"""Training: the shared loop (`loop.py`) and the builders that turn a config into its parts (`build.py`)."""
+"""Training: the shared loop (`loop.py`), the builders that turn a config into its parts (`build.py`),
+the stages lent to multi-stage methods (`pipeline.py`), and the gradient-variance analysis (`variance.py`)."""
 
-from .loop import Trainer, load_trained, train
+from .loop import Trainer, load_trained
+from .run import train
 
 __all__ = ["Trainer", "load_trained", "train"]

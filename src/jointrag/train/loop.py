@@ -39,18 +39,18 @@ from tqdm.auto import tqdm
 
 from .. import distributed
 from .. import metrics as qa_metrics
-from ..bgm import BridgeSystem, bridge_answers, score_bridged
-from ..config import RunConfig, save_config
+from ..config import RunConfig, load_config, save_config
 from ..errors import UserError
-from ..evaluate import evaluate
+from ..evaluation.evaluate import evaluate
 from ..memory import check_training_memory
+from ..methods import METHODS
+from ..methods._base import CHECKPOINT
+from ..methods.bgm_bridge import BridgeSystem, bridge_answers, score_bridged
+from ..retrieval.index import RetrievalIndex, build_index
 from ..runtime import autocast, resolve_precision
+from ..system import load_weights
 from ..types import Example
-from .build import bridge_system_from, examples_from, load_weights, objective_from, set_trainable, system_for, system_from
-
-CHECKPOINT = "checkpoint"
-DISTRIBUTED_METHODS = ("rag-sequence", "rag-token", "vrag", "jsa")
-FSDP_METHODS = ("rag-sequence", "rag-token", "vrag")  # one generator pass per micro-batch on every rank
+from .build import entry, examples_from, objective_from, set_trainable, system_for
 
 
 class Sampler:
@@ -157,12 +157,14 @@ class Trainer:
     def __init__(self, config: RunConfig):
         self.config = config
         self.out = Path(config.out)
-        if distributed.world_size() > 1 and config.method.name not in DISTRIBUTED_METHODS:
-            raise UserError(f"method '{config.method.name}' trains in one process; torchrun runs {', '.join(DISTRIBUTED_METHODS)}")
+        method = entry(config)
+        if distributed.world_size() > 1 and not method.distributed:
+            runs = ", ".join(m.name for m in METHODS.values() if m.distributed)
+            raise UserError(f"method '{method.name}' trains in one process; torchrun runs {runs}")
         self.fsdp = config.train.fsdp and distributed.world_size() > 1
-        if self.fsdp and (config.method.name not in FSDP_METHODS or config.method.estimator != "enumerate"):
-            raise UserError(f"train.fsdp: every rank must run the sharded generator equally often, which {', '.join(FSDP_METHODS)} "
-                            f"(VRAG with method.estimator=enumerate) do and '{config.method.name}' does not; train it without FSDP")
+        if self.fsdp and not method.fsdp(config):
+            raise UserError(f"train.fsdp: every rank must run the sharded generator equally often, which '{method.name}' "
+                            "with these settings does not (of VRAG's estimators, enumerate does); train it without FSDP")
         if config.train.fsdp and not self.fsdp:
             print("jointrag: train.fsdp has no effect in one process: the generator trains unsharded", file=sys.stderr)
         _seed(config.train.seed)
@@ -257,8 +259,6 @@ class Trainer:
         self.objective.load_state_dict(state["objective"])
         self.step, self.refreshes = state["step"], state["index"]["refreshes"]
         if Path(state["index"]["directory"]) != self.system.index.directory.resolve():
-            from ..index import RetrievalIndex
-
             self.system.index = RetrievalIndex.open(state["index"]["directory"], self.system.index.retriever,
                                                     built_by=state["index"].get("encoder"))
         rng = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]  # older checkpoints: one process's
@@ -274,8 +274,6 @@ class Trainer:
         values = self._rebuild_index() if distributed.is_main() else {}
         distributed.barrier()
         if not distributed.is_main():
-            from ..index import RetrievalIndex
-
             self.system.index = RetrievalIndex.open(self.out / "index", self.system.retriever)
         self.refreshes += 1
         return values
@@ -283,8 +281,6 @@ class Trainer:
     def _rebuild_index(self) -> dict:
         """Re-encode the corpus with the current passage tower into the run's index; report staleness:
         gold recall@k on a probe of dev questions with the stale index minus with the fresh one."""
-        from ..index import build_index
-
         old = self.system.index
         probe = [e for e in self.dev_examples if e.gold_ids][: self.config.model.staleness_probe]
         k = self.config.eval.k
@@ -408,53 +404,22 @@ class Trainer:
         if main:
             writer.close()
             log.close()
-            from ..plot import plot_run
+            from ..evaluation.plot import plot_run
 
             plot_run(self.out)
         return distributed.from_main(final)
 
 
-def train(config: RunConfig, resume: bool = False) -> dict:
-    """Train `config.method` and return its final metrics (the two-stage pipelines: their table).
-    Under torchrun, every rank runs this and returns rank 0's metrics."""
-    with distributed.process_group(config.train.dist_timeout):
-        return _train(config, resume)
-
-
-def _train(config: RunConfig, resume: bool) -> dict:
-    if config.method.name == "ra-dit":
-        from .radit import run_ra_dit
-
-        return run_ra_dit(config, resume=resume)
-    if config.method.name == "bgm":
-        from .bgm import run_bgm
-
-        return run_bgm(config, resume=resume)
-    if config.method.name == "invar-rag":
-        from .invar import run_invar
-
-        return run_invar(config, resume=resume)
-    return Trainer(config).run(resume=resume)
-
-
 def load_trained(directory: Path | str):
     """(config, system) of a saved checkpoint, ready to evaluate: base models, then the trained weights."""
-    from ..config import load_config
-    from ..index import RetrievalIndex
-
     directory = Path(directory)
     if not (directory / "weights.pt").is_file():
         raise UserError(f"{directory} is not a checkpoint (no weights.pt); pass RUN_DIR/checkpoint")
     config = load_config(str(directory / "config.yaml"))
     weights = torch.load(directory / "weights.pt", weights_only=True)
-    if any(name.startswith("bridge.") for name in weights):
-        system = bridge_system_from(config, reference=False)
-    elif config.method.name.startswith("invar-"):
-        from .invar import invar_system_from
-
-        system = invar_system_from(config)
-    else:
-        system = system_from(config, needs_posterior=any(name.startswith("posterior.") for name in weights))
+    system = system_for(config)
+    if any(name.startswith("posterior.") for name in weights):
+        system.add_posterior()
     load_weights(system, weights, directory)
     index = torch.load(directory / "trainer.pt", weights_only=False)["index"]
     if Path(index["directory"]) != system.index.directory.resolve():

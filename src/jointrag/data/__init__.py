@@ -1,0 +1,1 @@
+"""Data: passages and their store (`corpus`), QA sets (`qa`), dialog sets (`dialog`)."""

@@ -1,0 +1,174 @@
+"""Retrieve, answer and score a set of QA or dialog examples.
+
+Retrieval reads each example's `question` (a dialog's query); the generator's prompt is built from
+the whole example (`PromptTemplate.prompt`: question and dialog history).
+
+Retrieval metrics: answer recall@k (an answer string inside one of the top k passages) for every
+example, and gold-passage recall@k and MRR@k for examples whose gold passage ids are known.
+Answer metrics: SQuAD EM and token F1 (see `metrics.normalize_answer`). Dialog examples (those with
+a history) add response BLEU-1 and BLEU-4 (corpus BLEU over their predictions) and ROUGE-L, and the
+knowledge-selection precision, recall and F1 of the top retrieved passage against their gold ids
+(DSTC11 track 5's measures, `metrics.knowledge_selection`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from tqdm.auto import tqdm
+
+from .. import metrics
+from ..generation.generator import Generator, PromptTemplate
+from ..retrieval.index import RetrievalIndex
+from ..types import Example, Passage
+
+
+@dataclass(frozen=True)
+class Retrieved:
+    passages: list[Passage]
+    scores: list[float]
+
+
+def retrieve(index: RetrievalIndex, questions: Sequence[str], k: int) -> list[Retrieved]:
+    """Top-k passages with their scores for each question; missing results (-1) are dropped."""
+    scores, rows = index.search(questions, k)
+    results = []
+    for passages, row_scores in zip(index.passages(rows), scores.tolist()):
+        kept = [(p, s) for p, s in zip(passages, row_scores) if p is not None]
+        results.append(Retrieved([p for p, _ in kept], [s for _, s in kept]))
+    return results
+
+
+def answer(generator: Generator, template: PromptTemplate, examples: Sequence[Example], contexts: Sequence[Sequence[Passage]], **generation) -> list[str]:
+    """One answer per example, generated from a prompt that holds its context passages."""
+    return generator.generate([template.prompt(e, c, generator.chat) for e, c in zip(examples, contexts)], **generation)
+
+
+DECODERS = ("top1", "rag-sequence-fast", "rag-sequence-thorough", "rag-token", "ensemble")
+
+
+def decode(
+    generator: Generator,
+    template: PromptTemplate,
+    examples: Sequence[Example],
+    retrieved: Sequence[Retrieved],
+    *,
+    method: str = "top1",
+    contexts: int = 1,
+    tau: float = 0.1,
+    **generation,
+) -> list[str]:
+    """Answers by `method`: "top1" puts the top `contexts` passages in one prompt; the RAG decoders
+    (methods.md §1) mix one prompt per passage under p(z|x) = softmax(score / tau). "ensemble" is
+    RA-DIT's parallel in-context decoding (methods.md §4), which is RAG-Sequence's thorough decoding:
+    a candidate per passage (per beam), each scored under every passage, the best mixture wins."""
+    if method == "top1":
+        return answer(generator, template, examples, [r.passages[:contexts] for r in retrieved], **generation)
+    import torch
+
+    from ..generation.decoding import rag_sequence_generate, rag_token_generate
+
+    width = max(len(r.passages) for r in retrieved)
+    prompts, scores = [], torch.full((len(retrieved), width), float("-inf"))
+    for i, (example, result) in enumerate(zip(examples, retrieved)):
+        row = [template.prompt(example, [p], generator.chat) for p in result.passages]
+        prompts.append(row + [row[-1]] * (width - len(row)))  # padded prompts carry -inf weight
+        scores[i, : len(result.scores)] = torch.tensor(result.scores)
+    doc_logp = torch.log_softmax(scores / tau, dim=-1).to(generator.device)  # (B, K)
+    if method == "rag-token":
+        return rag_token_generate(generator, prompts, doc_logp, **generation)
+    mode = "thorough" if method == "ensemble" else method.removeprefix("rag-sequence-")
+    return rag_sequence_generate(generator, prompts, doc_logp, mode=mode, **generation)
+
+
+def recall_cutoffs(k: int) -> list[int]:
+    return sorted({c for c in (1, 5, 10, 20, 100) if c <= k} | {k})
+
+
+def evaluate(
+    index: RetrievalIndex,
+    generator: Generator | None,
+    examples: Sequence[Example],
+    *,
+    k: int = 5,
+    contexts: int = 1,
+    template: PromptTemplate = PromptTemplate(),
+    batch_size: int = 16,
+    max_new_tokens: int = 32,
+    num_beams: int = 1,
+    decoder: str = "top1",
+    tau: float = 0.1,
+) -> tuple[list[dict], dict]:
+    """Predictions (one dict per example) and aggregate metrics; no generation when `generator` is None.
+
+    `decoder` is one of DECODERS (see `decode`); `tau` is the retrieval temperature the RAG decoders use.
+    """
+    predictions: list[dict] = []
+    with tqdm(total=len(examples), unit="question", desc="evaluating", dynamic_ncols=True) as bar:
+        for start in range(0, len(examples), batch_size):
+            batch = examples[start : start + batch_size]
+            retrieved = retrieve(index, [e.question for e in batch], k)
+            answers = (
+                decode(generator, template, batch, retrieved, method=decoder, contexts=contexts, tau=tau, max_new_tokens=max_new_tokens, num_beams=num_beams)
+                if generator is not None
+                else [None] * len(batch)
+            )
+            for example, result, prediction in zip(batch, retrieved, answers):
+                predictions.append(score_example(example, result, prediction, k))
+            bar.update(len(batch))
+    return predictions, aggregate(predictions, k)
+
+
+def score_example(example: Example, result: Retrieved, prediction: str | None, k: int) -> dict:
+    ids = [p.id for p in result.passages]
+    texts = [f"{p.title} {p.text}" for p in result.passages]
+    row = {
+        "id": example.id,
+        "question": example.question,
+        "answers": list(example.answers),
+        "prediction": prediction,
+        "passages": [{"id": p.id, "title": p.title, "score": round(s, 4)} for p, s in zip(result.passages, result.scores)],
+        "answer_recall": {c: metrics.answer_recall_at_k(texts, example.answers, c) for c in recall_cutoffs(k)},
+    }
+    if prediction is not None:
+        row["em"] = metrics.exact_match(prediction, example.answers)
+        row["f1"] = metrics.token_f1(prediction, example.answers)
+    if example.gold_ids:
+        row["gold_recall"] = {c: metrics.gold_recall_at_k(ids, example.gold_ids, c) for c in recall_cutoffs(k)}
+        row["mrr"] = metrics.reciprocal_rank(ids, example.gold_ids, k)
+    if example.history:
+        row["history"] = [list(turn) for turn in example.history]
+        row["gold_ids"] = list(example.gold_ids)
+        if prediction is not None:
+            row["rouge_l"] = metrics.rouge_l(prediction, example.answers)
+    return row
+
+
+def aggregate(predictions: Sequence[dict], k: int) -> dict:
+    """Means over examples, as percentages; gold metrics over the examples that have gold ids, dialog
+    metrics over the dialog examples."""
+    with_gold = [p for p in predictions if "gold_recall" in p]
+    answered = [p for p in predictions if "em" in p]
+    dialogs = [p for p in predictions if "history" in p]
+    out: dict = {"examples": len(predictions), "k": k}
+    if answered:
+        out["em"] = 100 * metrics.mean([p["em"] for p in answered])
+        out["f1"] = 100 * metrics.mean([p["f1"] for p in answered])
+    responses = [p for p in dialogs if "rouge_l" in p]
+    if responses:
+        texts, references = [p["prediction"] for p in responses], [p["answers"] for p in responses]
+        out["bleu1"] = 100 * metrics.corpus_bleu(texts, references, max_order=1)
+        out["bleu4"] = 100 * metrics.corpus_bleu(texts, references, max_order=4)
+        out["rouge_l"] = 100 * metrics.mean([p["rouge_l"] for p in responses])
+    if dialogs:
+        selected = [[p["passages"][0]["id"]] if p["passages"] else [] for p in dialogs]  # the top passage
+        scores = metrics.knowledge_selection(selected, [p["gold_ids"] for p in dialogs])
+        out.update({f"knowledge_{name}": 100 * getattr(scores, name) for name in ("precision", "recall", "f1")})
+    for c in recall_cutoffs(k):
+        out[f"answer_recall@{c}"] = 100 * metrics.mean([p["answer_recall"][c] for p in predictions])
+    if with_gold:
+        for c in recall_cutoffs(k):
+            out[f"gold_recall@{c}"] = 100 * metrics.mean([p["gold_recall"][c] for p in with_gold])
+        out[f"mrr@{k}"] = 100 * metrics.mean([p["mrr"] for p in with_gold])
+    return {key: round(value, 2) if isinstance(value, float) else value for key, value in out.items()}

@@ -1,0 +1,1 @@
+"""Generation: the generator LM and its prompt templates (`generator`) and the RAG decoders (`decoding`)."""

@@ -1,0 +1,119 @@
+"""Reading and writing the plain files jointrag keeps: JSON Lines (with file:line errors), the
+header-checked caches of precomputed scores, and YAML files of dataclass fields (templates).
+
+Nothing here runs code from a file: JSON only, and YAML through `safe_load`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import UserError, at
+
+
+def _python_type_name(value: Any) -> str:
+    return type(value).__name__
+
+
+def jsonl_records(
+    path: Path,
+    lines: str | Iterable[str],
+    *,
+    objects: bool = False,
+    type_name: Callable[[Any], str] = _python_type_name,
+    invalid: str = "invalid JSON: {}",
+) -> Iterator[tuple[int, Any]]:
+    """(line number, value) of each non-blank line of JSON Lines read from `path`.
+
+    `lines` is the whole text (split with `str.splitlines`) or an iterable of lines, such as an open
+    file, which is then read one line at a time: a file of any size streams through. Every error is
+    a UserError at `path, line N`: a line that is not JSON says `invalid` with the parser's message
+    in place of `{}`; with `objects`, a value that is not a JSON object says `expected a JSON
+    object, got ` and its `type_name`.
+    """
+    if isinstance(lines, str):
+        lines = lines.splitlines()
+    for line_no, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{at(path, line_no)}: {invalid.format(e.msg)}") from e
+        if objects and not isinstance(value, dict):
+            raise UserError(f"{at(path, line_no)}: expected a JSON object, got {type_name(value)}")
+        yield line_no, value
+
+
+def write_jsonl(path: str | Path, records: Iterable[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def read_cache(path: Path, header: dict, remedy: str) -> Iterator[tuple[int, dict]]:
+    """(line number, record) of each record of a cache file written by `write_cache`, once its first
+    line is checked against `header`: a file made with other settings is refused, suggesting `remedy`."""
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise UserError(f"{path}:{line_no}: not valid JSON ({error.msg})") from None
+            if not isinstance(record, dict):
+                raise UserError(f"{path}:{line_no}: expected a JSON object")
+            if line_no > 1:
+                yield line_no, record
+                continue
+            for key, value in header.items():
+                if record.get(key) != value:
+                    raise UserError(f"{path}:1: field '{key}' is {record.get(key)!r}, this run needs {value!r}; "
+                                    f"delete the file or {remedy}")
+
+
+def write_cache(path: Path, header: dict, records: dict[str, dict]) -> None:
+    """`header` on the first line, then `{"id": key, **record}` a line, written atomically (a temporary
+    file renamed over the old one), so a failed run leaves the previous file intact."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(json.dumps(header) + "\n")
+        for key, record in records.items():
+            f.write(json.dumps({"id": key, **record}, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def load_fields(path: str, cls, placeholders: dict, required: tuple[str, ...] = ()):
+    """A `cls` (a dataclass of templates and settings) from a YAML mapping of some of its fields: each
+    value must have its default's type, and each template field may use only its `placeholders`."""
+    try:
+        fields = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as error:
+        raise UserError(f"cannot read template file {path}: {' '.join(str(error).split())}") from None
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    if not isinstance(fields, dict) or not fields.keys() <= defaults.keys() or not set(required) <= fields.keys():
+        optional = sorted(defaults.keys() - set(required))
+        wanted = f"{', '.join(map(repr, required))} and optionally" if required else "some of"
+        raise UserError(f"{path}: expected a mapping with {wanted} {optional}")
+    for name, value in fields.items():
+        if type(value) is not type(defaults[name]):
+            raise UserError(f"{path}, field '{name}': expected {type(defaults[name]).__name__}, got {value!r}")
+    for name, samples in placeholders.items():
+        try:
+            fields.get(name, "").format(**samples)
+        except (KeyError, IndexError, ValueError) as error:
+            allowed = ", ".join(f"{{{key}}}" for key in samples)
+            raise UserError(f"{path}, field '{name}': bad placeholder {error}; it may use {allowed}") from None
+    return cls(**fields)
+
+
+def names(value: str) -> list[str]:
+    """The items of a comma-separated setting, e.g. bgm.metrics 'em,f1' -> ['em', 'f1']."""
+    return [item.strip() for item in value.split(",") if item.strip()]
