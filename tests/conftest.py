@@ -6,6 +6,8 @@ tokenises (no unknown words) and the tests exercise the same loading code as rea
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -96,15 +98,18 @@ def isolated_home(tmp_path, monkeypatch):
     assert not (tmp_path / "home").exists()
 
 
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    """`corpus.jsonl` (the fixture passages) and `qa.jsonl` (`QA`), written once per module."""
+def write_files(root: Path, qa: list[dict]) -> dict[str, Path]:
+    """`root/corpus.jsonl` (the fixture passages) and `root/qa.jsonl` (`qa`)."""
     from cli_helpers import write_jsonl
 
-    root = tmp_path_factory.mktemp("train-files")
     corpus = write_jsonl(root / "corpus.jsonl", [{"id": p.id, "title": p.title, "text": p.text} for p in PASSAGES])
-    qa = write_jsonl(root / "qa.jsonl", QA)
-    return {"corpus": corpus, "qa": qa}
+    return {"corpus": corpus, "qa": write_jsonl(root / "qa.jsonl", qa)}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """`corpus.jsonl` and `qa.jsonl` (`QA`), written once per module."""
+    return write_files(tmp_path_factory.mktemp("train-files"), QA)
 
 
 @pytest.fixture(scope="module")

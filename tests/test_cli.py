@@ -25,12 +25,9 @@ pytestmark = pytest.mark.usefixtures("isolated_home")  # no test may build or re
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    from conftest import PASSAGES
+    from conftest import write_files
 
-    root = tmp_path_factory.mktemp("cli-files")
-    corpus = write_jsonl(root / "corpus.jsonl", [{"id": p.id, "title": p.title, "text": p.text} for p in PASSAGES])
-    qa = write_jsonl(root / "qa.jsonl", QA)
-    return {"corpus": corpus, "qa": qa}
+    return write_files(tmp_path_factory.mktemp("cli-files"), QA)
 
 
 @pytest.fixture(scope="module")
