@@ -39,5 +39,8 @@ def test_default_generator_scores_match_a_direct_call(generator):
     with torch.no_grad():
         direct = generator.model(torch.tensor([ids + target])).logits[0].log_softmax(-1)
     expected = sum(direct[len(ids) + t - 1, target[t]].item() for t in range(len(target)))
-    assert logp.sum().item() == pytest.approx(expected, abs=1e-3)
+    # bf16 weights (auto on a CPU with AMX) round the padded batch and the lone sequence differently;
+    # the batching itself is checked exactly in fp32 by test_generator
+    tolerance = 0.05 if generator.precision == "bf16" else 1e-3
+    assert logp.sum().item() == pytest.approx(expected, abs=tolerance)
     assert generator.generate(prompts[0])[0].lower().startswith("paris")

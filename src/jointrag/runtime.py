@@ -27,6 +27,13 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+def weight_dtype(precision: str) -> torch.dtype:
+    """The dtype a model's weights are held in for a resolved precision: bf16 weights run bf16 matrix
+    math without autocast's per-call casts of every weight (training keeps fp32 master copies:
+    `train.precision.MasterWeights`)."""
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
 def autocast(device: torch.device, precision: str):
     """A bf16 autocast context for `bf16`, a no-op for `fp32`."""
     if precision == "bf16":

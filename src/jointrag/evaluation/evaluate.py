@@ -104,18 +104,23 @@ def evaluate(
 
     `decoder` is one of DECODERS (see `decode`); `tau` is the retrieval temperature the RAG decoders use.
     """
-    predictions: list[dict] = []
+    questions = [e.question for e in examples]
+    retrieved = [r for start in range(0, len(examples), batch_size) for r in retrieve(index, questions[start : start + batch_size], k)]
+    # questions with prompts of similar length share a generation batch (less padding), longest first
+    # (a batch that does not fit in memory fails at once); predictions keep the examples' order
+    order = sorted(range(len(examples)), key=lambda i: -sum(len(p.text) + len(p.title) for p in retrieved[i].passages[:contexts]))
+    predictions: list[dict | None] = [None] * len(examples)
     with tqdm(total=len(examples), unit="question", desc="evaluating", dynamic_ncols=True) as bar:
         for start in range(0, len(examples), batch_size):
-            batch = examples[start : start + batch_size]
-            retrieved = retrieve(index, [e.question for e in batch], k)
+            chosen = order[start : start + batch_size]
+            batch, results = [examples[i] for i in chosen], [retrieved[i] for i in chosen]
             answers = (
-                decode(generator, template, batch, retrieved, method=decoder, contexts=contexts, tau=tau, max_new_tokens=max_new_tokens, num_beams=num_beams)
+                decode(generator, template, batch, results, method=decoder, contexts=contexts, tau=tau, max_new_tokens=max_new_tokens, num_beams=num_beams)
                 if generator is not None
                 else [None] * len(batch)
             )
-            for example, result, prediction in zip(batch, retrieved, answers):
-                predictions.append(score_example(example, result, prediction, k))
+            for i, example, result, prediction in zip(chosen, batch, results, answers):
+                predictions[i] = score_example(example, result, prediction, k)
             bar.update(len(batch))
     return predictions, aggregate(predictions, k)
 

