@@ -14,6 +14,9 @@ The benchmarks, each in its own process with one thread (OMP_NUM_THREADS=1, `--t
   (`bench_training.py --profile 1`);
 - scale: flat, HNSW and IVF-PQ against raw faiss at 100k and 1M vectors (`bench_scale.py`;
   `--real-index` / `--real-queries` pass a real index and its queries on to it);
+- roofline: bf16 and fp32 GEMM throughput at the generator's shapes (the machine's limit) and the
+  training step of rag-sequence, rag-token and jsa against it (`bench_roofline.py`); the one benchmark
+  that uses every core (`--threads` = the CPU count), as its figure is the machine's;
 - memory: peak memory of the default training run, `configs/jsa.yaml` for 2 steps (`bench_memory.py`),
   last, as it loads the real models.
 
@@ -36,7 +39,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-NAMES = ("retrieval", "training", "scale", "memory")
+NAMES = ("retrieval", "training", "scale", "roofline", "memory")
 
 
 def commands(args) -> dict[str, list[str]]:
@@ -51,6 +54,8 @@ def commands(args) -> dict[str, list[str]]:
         "training": ["bench_training.py", "--threads", "1", "--out", str(out / "training.json")]
         + (["--steps", "2", "--warmup", "1", "--no-tight"] if quick else ["--profile", "1"]),
         "scale": ["bench_scale.py", *scale],
+        "roofline": ["bench_roofline.py", "--threads", str(os.cpu_count()), "--out", str(out / "roofline.json")]
+        + (["--methods", "rag-sequence,jsa", "--steps", "1", "--warmup", "1"] if quick else []),
         "memory": ["bench_memory.py", "--out", str(out / "memory.json")],
     }
 
@@ -79,10 +84,11 @@ def run(name: str, argv: list[str], out: Path) -> dict:
 def markdown_of(name: str, report: dict) -> str:
     import bench_memory
     import bench_retrieval
+    import bench_roofline
     import bench_scale
     import bench_training
 
-    module = {"retrieval": bench_retrieval, "training": bench_training, "scale": bench_scale, "memory": bench_memory}[name]
+    module = {"retrieval": bench_retrieval, "training": bench_training, "scale": bench_scale, "roofline": bench_roofline, "memory": bench_memory}[name]
     return module.markdown(report)
 
 
@@ -112,6 +118,7 @@ def main(argv=None) -> int:
     titles = {"retrieval": "Retrieval: encoding against sentence-transformers, search overhead against raw faiss",
               "training": "Training step against transformers' RAG; JSA against RAG-Sequence",
               "scale": "Search at scale against raw faiss: flat, HNSW, IVF-PQ",
+              "roofline": "Roofline: the training step against the machine's bf16 GEMM throughput",
               "memory": "Peak memory of the default training run"}
     lines = [f"# Benchmarks{' (quick)' if args.quick else ''}", "", f"Command: `{results['command']}` ({results['seconds']:.0f} s)", ""]
     for name, entry in results["benchmarks"].items():

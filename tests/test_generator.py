@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from jointrag.errors import UserError
-from jointrag.generation.generator import PromptTemplate, load_generator
+from jointrag.generation import generator as generator_module
+from jointrag.generation.generator import PromptTemplate, length_groups, load_generator
 from jointrag.types import Passage
 
 CHAT_TEMPLATE = (
@@ -47,6 +48,36 @@ def test_target_logprobs_match_direct_calls(tiny_dir, passages, kind):
         for k in range(3):
             expected = direct_logprob(generator, prompts[b][k], targets[b])
             assert logp[b, k].sum().item() == pytest.approx(expected.item(), abs=1e-4)
+
+
+def test_length_groups_cut_sorted_rows_where_padding_would_grow(monkeypatch):
+    monkeypatch.setattr(generator_module, "GROUP_TOKENS", 200)
+    lengths = [100, 30, 95, 60, 58, 90]
+    order = sorted(range(6), key=lambda i: -lengths[i])  # 100, 95, 90, 60, 58, 30
+    # 100 and 95 hold fewer than 200 tokens, 90 is within 15% of 100; 60 is not; 58 and 30 fill the next group
+    assert length_groups(order, lengths) == [[0, 2, 5], [3, 4, 1]]
+    assert length_groups(order, lengths, extra=1000) == [order]  # long targets make every row alike
+
+
+def test_grouped_passes_give_the_one_pass_log_probs_and_gradients(tiny_dir, passages, monkeypatch):
+    generator = load_generator(str(tiny_dir / "causal"), precision="fp32")
+    prompts, targets = prompts_and_targets(passages)
+    prompts[0][1] = "short"  # prompts of different lengths
+
+    def logprobs_and_gradient():
+        generator.model.zero_grad()
+        logp, _ = generator.target_logprobs(prompts, targets)
+        (logp * torch.arange(1, logp.numel() + 1).view_as(logp)).sum().backward()
+        return logp.detach(), generator.model.lm_head.weight.grad.clone()
+
+    monkeypatch.setattr(generator_module, "GROUP_TOKENS", 10**9)
+    whole = logprobs_and_gradient()
+    monkeypatch.setattr(generator_module, "GROUP_TOKENS", 1)
+    groups = length_groups(list(range(6)), [len(p) for p in generator.prompt_ids([p for row in prompts for p in row])])
+    assert len(groups) > 1
+    grouped = logprobs_and_gradient()
+    assert torch.allclose(grouped[0], whole[0], atol=1e-5)
+    assert torch.allclose(grouped[1], whole[1], atol=1e-5)
 
 
 def test_chat_template_prompts_match_direct_calls(tiny_dir, passages):
