@@ -58,12 +58,24 @@ def test_bm25_grows_with_the_text():
 def test_training_estimate():
     estimate = training_estimate(parameters=135_000_000, trainable=100_000_000, param_bytes=4, precision="bf16",
                                  sequences=20, tokens=512, hidden=576, layers=30, vocab=49152, lora=False)
+    logits = 20 * 32 * 49152 * 2 * 4
     assert estimate.parts == {
         "weights": 540_000_000,
+        "master weights": 0,  # fp32 weights are their own masters
         "gradients": 400_000_000,
         "AdamW state": 800_000_000,
-        "activations": 20 * (512 + 32) * 30 * 576 * 80 + 20 * 32 * 49152 * 2 * 4,  # prompt and answer tokens; logits
+        "activations": 20 * (512 + 32) * 30 * 576 * 80 + logits,  # prompt and answer tokens; logits
     }
+    bf16 = training_estimate(parameters=135_000_000, trainable=100_000_000, param_bytes=2, precision="bf16",
+                             sequences=20, tokens=512, hidden=576, layers=30, vocab=49152, lora=False, checkpointing=True)
+    assert bf16.parts == {
+        "weights": 270_000_000,
+        "master weights": 400_000_000,  # the optimiser's state is fp32 whatever the weights' dtype
+        "gradients": 400_000_000,
+        "AdamW state": 800_000_000,
+        "activations": 20 * (512 + 32) * 576 * (30 * 2 + 80) + logits,  # each layer's bf16 input, one layer recomputed
+    }
+    assert "train.checkpointing=true" in estimate.suggestion and "train.checkpointing" not in bf16.suggestion
     fp32 = training_estimate(parameters=1, trainable=1, param_bytes=4, precision="fp32", sequences=1, tokens=1,
                              hidden=1, layers=1, vocab=1, lora=False)
     assert fp32.parts["activations"] == 33 * 96 + 32 * 2 * 4

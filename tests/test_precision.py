@@ -4,7 +4,10 @@
   bf16's tolerance of the fp32 model's (stated below);
 - fp32 master weights (`train.precision.MasterWeights`): the optimiser follows the fp32 trajectory
   and keeps updates that stepping bf16 weights directly would round away; a bf16 run's checkpoint
-  holds the fp32 masters and resumes on the same trajectory;
+  holds the fp32 masters and resumes on the same trajectory; backward moves each gradient to its
+  master, and micro-batches add up there in fp32;
+- fused AdamW (the trainer's optimiser) follows the for-loop AdamW; activation checkpointing
+  (`train.checkpointing`) gives the same losses and weights;
 - generation stopped at the first line break (`LineEnded`) gives the answers generating to the end gives.
 """
 
@@ -71,12 +74,29 @@ def test_masters_follow_the_fp32_trajectory_and_keep_small_updates():
         assert low.grad is None and masters.master(low).grad.dtype == torch.float32
         for optimizer in optimizers:
             optimizer.step()
+            optimizer.zero_grad(set_to_none=True)  # as the trainer does: the masters accumulate gradients
         masters.masters_to_model()
     master = masters.master(low)
     torch.testing.assert_close(master, reference.detach(), atol=1e-5, rtol=0)  # gradients rounded to bf16 only
     assert torch.equal(low.detach(), master.detach().bfloat16())
     assert (low != start).float().mean() > 0.5  # 60 steps of 1e-4 add up to more than half a bf16 step below 2
     assert torch.equal(direct.detach(), start)  # each 1e-4 step alone rounds away in bf16
+
+
+def test_backward_moves_each_gradient_to_its_master_and_micro_batches_add_up_in_fp32():
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(8, 4).bfloat16())
+    masters = MasterWeights([weight])
+    inputs = [torch.randn(3, 4).bfloat16() for _ in range(2)]
+    expected = torch.zeros(8, 4)
+    for x in inputs:
+        (x @ weight.t()).float().square().sum().backward()
+        assert weight.grad is None  # moved by the hook as backward formed it
+        reference = torch.nn.Parameter(weight.detach().clone())
+        (x @ reference.t()).float().square().sum().backward()
+        expected += reference.grad.float()
+    assert masters.master(weight).grad.dtype == torch.float32
+    torch.testing.assert_close(masters.master(weight).grad, expected, rtol=0, atol=0)
 
 
 def test_an_fp32_parameter_is_its_own_master():
@@ -148,3 +168,39 @@ def test_each_method_trains_in_bf16_and_checkpoints_fp32_masters(files, index_di
         assert metrics and all(math.isfinite(value) for row in metrics for value in row.values() if isinstance(value, float))
         weights = weights_of(run)
         assert weights and all(w.dtype == torch.float32 for w in weights.values())
+
+
+def test_activation_checkpointing_gives_the_same_losses_and_weights(files, index_dir, tiny_dir, tmp_path):
+    runs = {}
+    for checkpointing in (False, True):
+        out = tmp_path / f"checkpointing-{checkpointing}"
+        assert main(train_argv(files, index_dir, tiny_dir, out, "jsa", 2, f"train.checkpointing={str(checkpointing).lower()}",
+                               "eval.limit=1")) == 0
+        runs[checkpointing] = ([row["loss"] for row in read_metrics(out) if row["split"] == "train" and "loss" in row], weights_of(out))
+    (losses, weights), (losses_ckpt, weights_ckpt) = runs[False], runs[True]
+    assert len(losses) == 2 and losses_ckpt == pytest.approx(losses, abs=1e-5)
+    for name, value in weights.items():
+        torch.testing.assert_close(weights_ckpt[name], value, atol=1e-6, rtol=0)
+
+
+def test_checkpointing_a_method_that_does_not_train_the_generator_is_refused(files, index_dir, tiny_dir, tmp_path, capsys):
+    assert main(train_argv(files, index_dir, tiny_dir, tmp_path / "run", "ra-dit-lsr", 1, "train.checkpointing=true",
+                           "method.lm_tau=0.5")) != 0
+    assert "train.checkpointing: ra-dit-lsr does not train the generator" in capsys.readouterr().err
+
+
+def test_fused_adamw_follows_the_for_loop_adamw():
+    torch.manual_seed(0)
+    start = [torch.randn(16, 8), torch.randn(8)]
+    runs = []
+    for fused in (False, True):
+        params = [torch.nn.Parameter(p.clone()) for p in start]
+        optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.01, fused=fused)
+        generator = torch.Generator().manual_seed(1)
+        for _ in range(20):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=generator)
+            optimizer.step()
+        runs.append(params)
+    for loop, fused in zip(*runs):
+        torch.testing.assert_close(fused, loop, atol=1e-6, rtol=1e-5)

@@ -79,6 +79,8 @@ class TrainConfig:
     schedule: str = _field("linear", "learning-rate schedule after warm-up: linear, cosine or constant")
     max_grad_norm: float = _field(1.0, "gradient clipping norm; 0 turns clipping off")
     precision: str = _field("auto", "auto (bf16 where the device runs it fast), bf16 or fp32")
+    checkpointing: bool = _field(False, "activation checkpointing of a trained generator: backward keeps each layer's input "
+                                        "and recomputes the rest (a third more generator compute, a small part of the memory)")
     seed: int = _field(0, "seed for data order, sampling and initialisation")
     log_every: int = _field(1, "steps between training-metric log lines")
     eval_every: int = _field(0, "steps between dev evaluations; 0: only at the end")

@@ -57,27 +57,32 @@ def gib(size: int) -> str:
 
 def training_estimate(
     *, parameters: int, trainable: int, param_bytes: int, precision: str, sequences: int, tokens: int,
-    hidden: int, layers: int, vocab: int, lora: bool
+    hidden: int, layers: int, vocab: int, lora: bool, checkpointing: bool = False
 ) -> Estimate:
-    """Memory of a training step: weights, gradients and AdamW's two moments (all in the weights'
-    dtype, `param_bytes` each), and the activations of `sequences` sequences of `tokens` prompt tokens
-    and `ANSWER_TOKENS` target tokens through `layers` layers of width `hidden` (`ACTIVATION_BYTES`
-    per token, layer and hidden unit), plus the float32 logits and log-probabilities of the target
-    tokens over the vocabulary."""
+    """Memory of a training step: the weights (`param_bytes` each); for the trained ones fp32 master
+    copies when the weights are held in lower precision (`train.precision`), and fp32 gradients and
+    AdamW moments; and the activations of `sequences` sequences of `tokens` prompt tokens and
+    `ANSWER_TOKENS` target tokens through `layers` layers of width `hidden` (`ACTIVATION_BYTES` per
+    token, layer and hidden unit; with activation checkpointing, each layer's input and one layer's
+    recomputation), plus the float32 logits and log-probabilities of the target tokens over the vocabulary."""
+    positions = sequences * (tokens + ANSWER_TOKENS)
+    kept = positions * hidden * (layers * param_bytes + ACTIVATION_BYTES[precision]) if checkpointing \
+        else positions * layers * hidden * ACTIVATION_BYTES[precision]
     parts = {
         "weights": parameters * param_bytes,
-        "gradients": trainable * param_bytes,
-        "AdamW state": 2 * trainable * param_bytes,
-        "activations": sequences * (tokens + ANSWER_TOKENS) * layers * hidden * ACTIVATION_BYTES[precision]
-        + sequences * ANSWER_TOKENS * vocab * 2 * FLOAT32,
+        "master weights": trainable * FLOAT32 if param_bytes < FLOAT32 else 0,
+        "gradients": trainable * FLOAT32,
+        "AdamW state": 2 * trainable * FLOAT32,
+        "activations": kept + sequences * ANSWER_TOKENS * vocab * 2 * FLOAT32,
     }
     what = f"training {parameters / 1e6:,.0f}M parameters ({trainable / 1e6:,.1f}M trainable, {precision}) on {sequences} sequences of {tokens} tokens"
-    ways = [] if lora else ["model.lora=true"]
+    ways = ([] if lora else ["model.lora=true"]) + ([] if checkpointing else ["train.checkpointing=true"])
     suggestion = "use " + " or ".join(ways + ["a smaller train.batch_size (raise train.grad_accum to keep the batch) or method.k"])
     return Estimate(what, parts, suggestion)
 
 
-def model_training_estimate(model: torch.nn.Module, *, sequences: int, tokens: int, precision: str) -> Estimate:
+def model_training_estimate(model: torch.nn.Module, *, sequences: int, tokens: int, precision: str,
+                            checkpointing: bool = False) -> Estimate:
     """`training_estimate` for a built model: parameter counts from it, and layers, width and vocabulary
     from the largest Hugging Face model inside it (the generator). Its weights are already loaded."""
     # an FSDP shard (a DTensor) counts as the piece this rank holds
@@ -92,16 +97,18 @@ def model_training_estimate(model: torch.nn.Module, *, sequences: int, tokens: i
         parameters=sum(p.numel() for p in params), trainable=sum(p.numel() for p in trainable),
         param_bytes=max(p.element_size() for p in params), precision=precision, sequences=sequences, tokens=tokens,
         hidden=hidden, layers=layers, vocab=config.vocab_size, lora=any("lora_" in name for name, _ in model.named_parameters()),
+        checkpointing=checkpointing,
     )
-    estimate.loaded = estimate.parts["weights"]
+    estimate.loaded = estimate.parts["weights"] + estimate.parts["master weights"]  # the trainer holds masters before this check
     estimate.device = str(next(iter(params)).device)
     return estimate
 
 
-def check_training_memory(system: torch.nn.Module, *, batch_size: int, k: int, tokens: int, precision: str) -> Estimate:
+def check_training_memory(system: torch.nn.Module, *, batch_size: int, k: int, tokens: int, precision: str,
+                          checkpointing: bool = False) -> Estimate:
     """Fail fast if training `system` (built, trainable flags set, optimiser not yet made) on micro-batches
     of `batch_size` examples with `k` passages each, prompts of up to `tokens` tokens, will not fit."""
-    estimate = model_training_estimate(system, sequences=batch_size * k, tokens=tokens, precision=precision)
+    estimate = model_training_estimate(system, sequences=batch_size * k, tokens=tokens, precision=precision, checkpointing=checkpointing)
     check_memory(estimate)
     return estimate
 

@@ -208,7 +208,8 @@ class Generator(nn.Module):
         if self.seq2seq:
             encoder = self.tokenizer.pad({"input_ids": prompt_ids}, return_tensors="pt").to(self.device)
             decoder_inputs = self.model.prepare_decoder_input_ids_from_labels(labels=labels.masked_fill(~mask, pad))
-            logits = self.model(**encoder, decoder_input_ids=decoder_inputs, decoder_attention_mask=mask.long()).logits  # (N, T, V)
+            logits = self.model(**encoder, decoder_input_ids=decoder_inputs, decoder_attention_mask=mask.long(),
+                                use_cache=False).logits  # (N, T, V)
         else:  # rows of similar prompt length in one pass each: less padding, and each pass's logits freed early
             order = sorted(range(rows), key=lambda i: -len(prompt_ids[i]))
             parts = [self._causal_logprobs([prompt_ids[i] for i in group], labels[group], mask[group], temperature)
@@ -232,7 +233,8 @@ class Generator(nn.Module):
         input_ids, attention = input_ids.to(self.device), attention.to(self.device)
         positions = (attention.cumsum(1) - 1).clamp(min=0)
         extra = {"logits_to_keep": width + 1} if self._keeps_logits else {}
-        logits = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions, **extra).logits
+        # no key/value cache: a teacher-forced pass would only hold it until the logits are freed
+        logits = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=False, **extra).logits
         logits = logits[:, -(width + 1) : -1]  # (n, T, V): position t-1 predicts target token t
         logp = torch.log_softmax(logits.float() / temperature, dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)  # (n, T)
         return logp.masked_fill(~mask, 0.0)

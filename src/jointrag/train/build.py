@@ -51,6 +51,14 @@ def set_trainable(system: nn.Module, trains: frozenset, *, passage_tower: bool) 
             unfreeze(getattr(system, part))
 
 
+def checkpoint_activations(system: nn.Module) -> None:
+    """Activation checkpointing of the generator's layers (transformers' non-reentrant kind)."""
+    model = system.generator.model
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise UserError(f"train.checkpointing: the generator {system.generator.name} does not support activation checkpointing")
+    model.activation_checkpointing_enable({"use_reentrant": False})
+
+
 def examples_from(config: RunConfig, corpus=None) -> tuple[list[Example], list[Example]]:
     """Training and dev examples: the given files, or the embedded train and dev splits; with
     `method.corpus_ratio` (only for a method that excludes an example's source passage from its

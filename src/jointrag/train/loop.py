@@ -50,7 +50,7 @@ from ..retrieval.index import RetrievalIndex, build_index
 from ..runtime import autocast, resolve_precision
 from ..system import load_weights
 from ..types import Example
-from .build import entry, examples_from, objective_from, set_trainable, system_for
+from .build import checkpoint_activations, entry, examples_from, objective_from, set_trainable, system_for
 from .precision import MasterWeights
 
 
@@ -173,6 +173,10 @@ class Trainer:
         self.objective = objective_from(config)
         self.system = system_for(config, self.objective)
         set_trainable(self.system, self.objective.trains, passage_tower=config.model.train_passage_tower)
+        if config.train.checkpointing:
+            if "generator" not in self.objective.trains:
+                raise UserError(f"train.checkpointing: {config.method.name} does not train the generator, whose layers it checkpoints")
+            checkpoint_activations(self.system)
         distributed.broadcast_parameters([p for p in self.system.parameters() if p.requires_grad])  # start alike
         if self.fsdp:  # before the memory check and the optimiser; FSDP shards fp32 weights (bf16 runs under autocast)
             self.system.generator.model.float()
@@ -183,7 +187,8 @@ class Trainer:
         # sequences a training example puts through the model, and their tokens: K prompts, unless the objective says
         per_example, tokens = self.objective.footprint(self.system) if hasattr(self.objective, "footprint") else (None, None)
         check_training_memory(self.system, batch_size=config.train.batch_size, k=per_example or config.method.k,
-                              tokens=tokens or config.model.max_prompt_tokens, precision=self.precision)
+                              tokens=tokens or config.model.max_prompt_tokens, precision=self.precision,
+                              checkpointing=config.train.checkpointing)
         rates = {"generator": config.train.lr_generator, "retriever": config.train.lr_retriever, "bridge": config.train.lr_bridge}
 
         # a parameter belongs to the generator or the bridge if that part owns it and trains, else to the
@@ -198,7 +203,7 @@ class Trainer:
         self.masters = MasterWeights(trainable)  # the optimiser steps fp32 masters of the bf16 weights
         groups = [{"params": [self.masters.master(p) for p in trainable if part(p) == group], "lr": lr, "name": group}
                   for group, lr in rates.items()]
-        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=config.train.weight_decay)
+        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=config.train.weight_decay, fused=True)
         self.parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
         if distributed.rank():  # the ranks start alike, then sample independently
             _seed(config.train.seed + distributed.rank())
