@@ -2,11 +2,11 @@
 
 Run from the repository root (`make bench` runs the same):
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/run_all.py [--quick] [--only retrieval,training,scale,memory]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/run_all.py [--quick] [--only retrieval,training,scale,roofline,memory]
                                                              [--real-index DIR --real-queries FILE.jsonl]
                                                              [--out runs/bench]
 
-The benchmarks, each in its own process with one thread (OMP_NUM_THREADS=1, `--threads 1`):
+The benchmarks, each in its own process, all but the roofline with one thread (OMP_NUM_THREADS=1, `--threads 1`):
 
 - retrieval: corpus encoding against sentence-transformers, search overhead against raw faiss
   (`bench_retrieval.py`);
@@ -21,8 +21,9 @@ The benchmarks, each in its own process with one thread (OMP_NUM_THREADS=1, `--t
   last, as it loads the real models.
 
 `--quick` is a smoke run: bench_scale skips 1M, bench_retrieval encodes 200 passages and searches 20k
-synthetic vectors, bench_training times 2 steps without the profile. Each benchmark prints its
-figures and writes its JSON (`OUT/NAME.json`) and log (`OUT/NAME.log`); this script then writes
+synthetic vectors, bench_training times 2 steps without the profile, bench_roofline 1 step of
+rag-sequence and jsa. Each benchmark prints its figures and writes its JSON (`OUT/NAME.json`) and
+log (`OUT/NAME.log`); this script then writes
 `OUT/results.json` (all reports, with each one's command and exit status) and `OUT/results.md` (each
 benchmark's Markdown tables). A failed benchmark is recorded and the others still run; the exit
 status is then 1.
