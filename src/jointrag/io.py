@@ -1,7 +1,10 @@
 """Reading and writing the plain files jointrag keeps: JSON Lines (with file:line errors), the
-header-checked caches of precomputed scores, and YAML files of dataclass fields (templates).
+header-checked caches of precomputed scores, YAML files of dataclass fields (templates), and the
+tensor files of a checkpoint.
 
-Nothing here runs code from a file: JSON only, and YAML through `safe_load`.
+Nothing here runs code from a file: JSON only, YAML through `safe_load`, and tensor files through
+`torch.load(weights_only=True)`, whose unpickler builds tensors and plain values (numbers, strings,
+lists, tuples, dicts) and refuses everything else.
 """
 
 from __future__ import annotations
@@ -50,6 +53,26 @@ def jsonl_records(
         if objects and not isinstance(value, dict):
             raise UserError(f"{at(path, line_no)}: expected a JSON object, got {type_name(value)}")
         yield line_no, value
+
+
+def read_tensors(path: str | Path) -> Any:
+    """The tensors and plain values of a file written by `torch.save`, on the CPU; a UserError for a file
+    that holds anything else (a pickled object, whose loading could run code) or is damaged."""
+    import pickle
+
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: missing")
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as error:
+        reason = str(error).strip().splitlines()[0]
+        raise UserError(f"{path}: refused: it holds more than tensors and plain values, and loading it could run code "
+                        f"({reason})") from None
+    except (RuntimeError, EOFError, ValueError, OSError) as error:
+        raise UserError(f"{path}: unreadable, truncated or not a tensor file ({str(error).strip().splitlines()[0]})") from None
 
 
 def write_jsonl(path: str | Path, records: Iterable[dict]) -> None:

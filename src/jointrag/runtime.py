@@ -44,3 +44,26 @@ def autocast(device: torch.device, precision: str):
 def default_device() -> torch.device:
     """The current GPU (under torchrun, cuda:LOCAL_RANK: `distributed.process_group` selects it), else the CPU."""
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _glibc_trim():
+    """glibc's `malloc_trim`, or None where the C library is not glibc (macOS, musl)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_TRIM = _glibc_trim()
+
+
+def release_freed_memory() -> None:
+    """Hand the heap memory freed by a training step back to the system. Under glibc the step's
+    activations, of other sizes at every step, leave the heap fragmented: measured on the demo recipe,
+    the resident memory after a step grew by about 100 MiB a step (3.6 to 4.1 GiB in 5 steps, 6.3 GiB
+    by step 60) while trimming after each step held it near 3.0 GiB."""
+    if _TRIM is not None:
+        _TRIM(0)

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from .. import metrics as qa
 from ..errors import UserError
-from ..io import read_cache, write_cache
+from ..io import read_cache, read_tensors, write_cache
 from ..generation.generator import Generator, PromptTemplate, load_generator, load_template, with_lora
 from ..io import load_fields
 from ..retrieval.resolve import resolve_index
@@ -536,7 +536,7 @@ def bridge_system(config: Any, objective: Any = None) -> BridgeSystem:
     if getattr(objective, "needs_reference", False):
         if b.reference:
             directory = Path(b.reference)
-            weights = torch.load(directory / "weights.pt", weights_only=True) if (directory / "weights.pt").is_file() else {}
+            weights = read_tensors(directory / "weights.pt") if (directory / "weights.pt").is_file() else {}
             if not weights or not all(name.startswith("bridge.") for name in weights):
                 raise UserError(f"bgm.reference: {directory} is not a BGM checkpoint (RUN/sl/checkpoint)")
             load_weights(system, weights, directory)

@@ -20,8 +20,7 @@ import copy
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from ..io import read_tensors
 from ..system import load_weights
 from ._base import Stages, frozen, stage_config
 from .bgm_bridge import bridge_answers, bridge_system, score_bridged
@@ -44,7 +43,7 @@ def run(config: Any, stages: Stages, methods: tuple[str, str]) -> dict:
     for row, top, checkpoint in (("top-1 passage", 1, None), (f"top-{c.k} passages", c.k, None),
                                  ("SL bridge", None, sl), ("SL + PPO bridge", None, ppo)):
         if checkpoint is not None:
-            load_weights(system, torch.load(checkpoint / "weights.pt", weights_only=True), checkpoint)
+            load_weights(system, read_tensors(checkpoint / "weights.pt"), checkpoint)
         result = bridge_answers(system, test, k=c.k, num_beams=c.num_beams, max_new_tokens=c.max_new_tokens,
                                 batch_size=c.batch_size, top=top)
         rows[row] = score_bridged(test, result)

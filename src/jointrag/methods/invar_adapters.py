@@ -24,6 +24,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..generation.generator import load_template
+from ..io import read_tensors
 from ..retrieval.encoders import BiEncoder, Encoder
 from ..retrieval.index import RetrievalIndex, build_index
 from ..retrieval.resolve import resolve_index
@@ -137,7 +138,7 @@ def invar_system(config: Any, objective: Any = None) -> RAGSystem:
     system = RAGSystem(retriever, generator, None, load_template(model.template), train_passage_tower=model.train_passage_tower)
     if i.adapter:
         directory = Path(i.adapter)
-        weights = torch.load(directory / "weights.pt", weights_only=True) if (directory / "weights.pt").is_file() else {}
+        weights = read_tensors(directory / "weights.pt") if (directory / "weights.pt").is_file() else {}
         adapter = {name: w for name, w in weights.items() if f".{RETRIEVAL}." in name}
         if not adapter:
             raise UserError(f"invar.adapter: {directory} is not an Invar-RAG retrieval-stage checkpoint (RUN/retrieval/checkpoint)")

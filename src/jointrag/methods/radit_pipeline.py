@@ -15,9 +15,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from ..errors import UserError
+from ..io import read_tensors
 from ..system import load_weights
 from ._base import Stages, frozen, stage_config
 from .systems import rag_system
@@ -38,8 +37,8 @@ def run(config: Any, stages: Stages, methods: tuple[str, str]) -> dict:
     stages.combine([lm_ft, r_ft], r_ft, config)  # LM-ft's generator, R-ft's query tower
     system = frozen(rag_system(config))
     base_query = {name: p.detach().clone() for name, p in system.named_parameters() if name.startswith("retriever.query_encoder.")}
-    generator = torch.load(lm_ft / "weights.pt", weights_only=True)
-    query = torch.load(r_ft / "weights.pt", weights_only=True)
+    generator = read_tensors(lm_ft / "weights.pt")
+    query = read_tensors(r_ft / "weights.pt")
     rows = {}
     for row, weights in (("base", {}), ("R-ft only", query), ("LM-ft + R-ft", generator), ("LM-ft only", base_query)):
         load_weights(system, weights, r_ft if weights is query else lm_ft)

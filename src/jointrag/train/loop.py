@@ -42,12 +42,13 @@ from .. import metrics as qa_metrics
 from ..config import RunConfig, load_config, save_config
 from ..errors import UserError
 from ..evaluation.evaluate import evaluate
+from ..io import read_tensors
 from ..memory import check_training_memory
 from ..methods import METHODS
 from ..methods._base import CHECKPOINT
 from ..methods.bgm_bridge import BridgeSystem, bridge_answers, score_bridged
 from ..retrieval.index import RetrievalIndex, build_index
-from ..runtime import autocast, resolve_precision
+from ..runtime import autocast, release_freed_memory, resolve_precision
 from ..system import load_weights
 from ..types import Example
 from .build import checkpoint_activations, entry, examples_from, objective_from, set_trainable, system_for
@@ -123,13 +124,16 @@ def _seed(seed: int) -> None:
 
 
 def _rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    """Every generator's state as tensors and plain values (`io.read_tensors` loads them back)."""
+    name, keys, position, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss),
+            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
 def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, position, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if state["cuda"]:
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -255,11 +259,11 @@ class Trainer:
     def resume(self) -> None:
         directory = self.out / CHECKPOINT
         parameters = dict(self.system.named_parameters())
-        weights = torch.load(directory / "weights.pt", weights_only=True)  # whole tensors: cut them as FSDP cut ours
+        weights = read_tensors(directory / "weights.pt")  # whole tensors: cut them as FSDP cut ours
         weights = {name: distributed.shard_like(w, parameters.get(name)) for name, w in weights.items()}
         load_weights(self.system, weights, directory)
         self.masters.load(parameters, weights)
-        state = torch.load(directory / "trainer.pt", weights_only=False)
+        state = read_tensors(directory / "trainer.pt")
         self.optimizer.load_state_dict(state["optimizer"])
         distributed.shard_optimizer_state(self.optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
@@ -362,6 +366,7 @@ class Trainer:
         self.masters.masters_to_model()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        release_freed_memory()
         self.step += 1
         return {**{key: float(np.mean(v)) for key, v in metrics.items()}, "grad_norm": norm.item(),
                 "sec_per_step": time.perf_counter() - started}
@@ -438,12 +443,12 @@ def load_trained(directory: Path | str):
     if not (directory / "weights.pt").is_file():
         raise UserError(f"{directory} is not a checkpoint (no weights.pt); pass RUN_DIR/checkpoint")
     config = load_config(str(directory / "config.yaml"))
-    weights = torch.load(directory / "weights.pt", weights_only=True)
+    weights = read_tensors(directory / "weights.pt")
+    index = read_tensors(directory / "trainer.pt")["index"]
     system = system_for(config)
     if any(name.startswith("posterior.") for name in weights):
         system.add_posterior()
     load_weights(system, weights, directory)
-    index = torch.load(directory / "trainer.pt", weights_only=False)["index"]
     if Path(index["directory"]) != system.index.directory.resolve():
         system.index = RetrievalIndex.open(index["directory"], system.index.retriever, built_by=index.get("encoder"))
     system.requires_grad_(False)

@@ -20,7 +20,7 @@ from ..config import RunConfig, save_config
 from ..data.qa import embedded_examples, load_examples
 from ..errors import UserError
 from ..evaluation.plot import plot_bars
-from ..io import write_jsonl
+from ..io import read_tensors, write_jsonl
 from ..methods._base import CHECKPOINT
 from ..types import Example
 from .loop import Trainer, evaluate_system, load_trained
@@ -51,9 +51,9 @@ class Stages:
         target, tmp = self.out / CHECKPOINT, self.out / f"{CHECKPOINT}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        weights = {name: w for stage in checkpoints for name, w in torch.load(stage / "weights.pt", weights_only=True).items()}
+        weights = {name: w for stage in checkpoints for name, w in read_tensors(stage / "weights.pt").items()}
         torch.save(weights, tmp / "weights.pt")
-        torch.save({"index": torch.load(index_from / "trainer.pt", weights_only=False)["index"]}, tmp / "trainer.pt")
+        torch.save({"index": read_tensors(index_from / "trainer.pt")["index"]}, tmp / "trainer.pt")
         save_config(config, tmp / "config.yaml")
         shutil.rmtree(target, ignore_errors=True)
         tmp.rename(target)
@@ -89,7 +89,7 @@ class Stages:
 
 def finished(config: RunConfig) -> bool:
     state = Path(config.out) / CHECKPOINT / "trainer.pt"
-    return state.is_file() and torch.load(state, weights_only=False)["step"] >= config.train.steps
+    return state.is_file() and read_tensors(state)["step"] >= config.train.steps
 
 
 def format_table(rows: dict) -> str:
