@@ -69,6 +69,8 @@ def test_index_prints_a_summary(capsys, files, encoder, tmp_path):
     assert manifest["precision"] == "fp32" and manifest["corpus"]["source"] == str(files["corpus"])
     code, out, _ = run(capsys, "index", "--corpus", files["corpus"], "--out", tmp_path / "i", "--retriever", encoder, "--kind", "flat")
     assert code == 0 and out.startswith("built a flat index of 8 passages")
+    code, out, _ = run(capsys, "index", "--corpus", files["corpus"], "--out", tmp_path / "i", "--retriever", encoder)
+    assert code == 0 and out.startswith("built an exact index of 8 passages")
 
 
 def test_retrieve_json(capsys, index_dir):

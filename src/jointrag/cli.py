@@ -12,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+from . import __version__
 from .errors import UserError
 
 EXIT_USER_ERROR = 2
@@ -74,7 +75,7 @@ def cmd_index(args) -> None:
     if index is None:  # not rank 0
         return
     summary = {"index": str(index.directory), **{k: index.manifest[k] for k in ("kind", "count", "build_seconds")}}
-    print(json.dumps(summary) if args.json else f"built a {summary['kind']} index of {summary['count']} passages in {summary['index']} ({summary['build_seconds']} s)")
+    print(json.dumps(summary) if args.json else f"built {'an' if summary['kind'][0] in 'aeiou' else 'a'} {summary['kind']} index of {summary['count']} passages in {summary['index']} ({summary['build_seconds']} s)")
 
 
 def cmd_retrieve(args) -> None:
@@ -287,6 +288,7 @@ def make_parser() -> argparse.ArgumentParser:
     from .methods import METHODS
 
     parser = argparse.ArgumentParser(prog="jointrag", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"jointrag {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     p = commands.add_parser("index", help="store and encode a corpus and build its index")

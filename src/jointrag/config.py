@@ -262,15 +262,28 @@ def _set(config, dotted: str, value, where: str) -> None:
 
 
 def _leaves(node, prefix: str = ""):
-    """(dotted key, value, line) for every scalar in a composed YAML mapping."""
+    """(dotted key, value, line) for every scalar in a composed YAML mapping; a key given twice in one
+    mapping is an error (YAML would silently keep the last)."""
     if not isinstance(node, yaml.MappingNode):
         raise UserError(f"line {node.start_mark.line + 1}: expected a mapping of settings")
+    seen: dict[str, int] = {}
     for key_node, value_node in node.value:
-        dotted = f"{prefix}{key_node.value}"
+        dotted, line = f"{prefix}{key_node.value}", key_node.start_mark.line + 1
+        if dotted in seen:
+            raise UserError(f"line {line}: '{dotted}' is given twice (first at line {seen[dotted]})")
+        seen[dotted] = line
         if isinstance(value_node, yaml.MappingNode):
             yield from _leaves(value_node, dotted + ".")
         else:
-            yield dotted, yaml.safe_load(yaml.serialize(value_node)), key_node.start_mark.line + 1
+            yield dotted, _yaml_value(yaml.serialize(value_node), f"line {line}: '{dotted}'"), line
+
+
+def _yaml_value(text: str, where: str):
+    """A setting's value parsed by `yaml.safe_load` (plain data only: a `!!python/...` tag is refused)."""
+    try:
+        return yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as error:
+        raise UserError(f"{where}: not a plain YAML value: {' '.join(str(error).split())}") from None
 
 
 def load_config(path: str | None = None, overrides: typing.Sequence[str] = ()) -> RunConfig:
@@ -281,7 +294,9 @@ def load_config(path: str | None = None, overrides: typing.Sequence[str] = ()) -
         if not file.is_file():
             raise UserError(f"config file not found: {file}")
         try:
-            node = yaml.compose(file.read_text())
+            node = yaml.compose(file.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as error:
+            raise UserError(f"{file}: not UTF-8 text (byte {error.start}: {error.reason})") from None
         except yaml.YAMLError as error:
             raise UserError(f"{file}: not valid YAML: {' '.join(str(error).split())}") from None
         if node is not None:
@@ -295,7 +310,7 @@ def load_config(path: str | None = None, overrides: typing.Sequence[str] = ()) -
         if "=" not in item:
             raise UserError(f"--set {item}: expected KEY=VALUE, e.g. train.steps=200")
         dotted, raw = item.split("=", 1)
-        _set(config, dotted.strip(), yaml.safe_load(raw) if raw.strip() else None, f"--set {item}")
+        _set(config, dotted.strip(), _yaml_value(raw, f"--set {item}"), f"--set {item}")
     return config
 
 
