@@ -628,7 +628,8 @@ def test_pipeline_trains_both_stages_and_writes_the_table(pipeline_run):
 
 
 def test_pipeline_resume_skips_finished_stages_and_refuses_a_rerun(capsys, pipeline_run, files, index_dir, tiny_dir):
-    assert_user_error(capsys, *bgm_argv(files, index_dir, tiny_dir, pipeline_run, "bgm", 2), names=("--resume",))
+    assert_user_error(capsys, *bgm_argv(files, index_dir, tiny_dir, pipeline_run, "bgm", 2, f"data.test={files['qa']}"),
+                      names=("--resume",))
     rows = resume_finished_pipeline(pipeline_run)
     assert rows == json.loads((pipeline_run / "comparison" / "table.json").read_text())  # the same models evaluated again
 

@@ -12,7 +12,7 @@ import torch
 from transformers import BertModel
 
 from jointrag.cli import EXIT_USER_ERROR, main
-from cli_helpers import assert_user_error, run, write_jsonl
+from cli_helpers import assert_user_error, run, train_argv, write_jsonl
 
 QA = [
     {"id": "q1", "question": "What is the capital of France?", "answers": ["Paris"], "gold_ids": ["p0"]},
@@ -341,3 +341,37 @@ def test_prompt_template_file(tmp_path):
     placeholder.write_text("template: '{query}'\n")
     with pytest.raises(UserError, match="p.yaml, field 'template'.*query"):
         load_template(str(placeholder))
+
+
+# --- which questions are evaluated ----------------------------------------------------------------------
+
+
+def test_training_on_your_data_needs_your_dev_questions_or_says_embedded(capsys, files, index_dir, tiny_dir, tmp_path):
+    argv = [a for a in train_argv(files, index_dir, tiny_dir, tmp_path / "run", "rag-sequence", 1) if not a.startswith("data.dev=")]
+    argv.remove("--set")  # the one before data.dev
+    assert_user_error(capsys, *argv, names=("data.dev is not set while data.train is", "data.dev=embedded"))
+    assert not (tmp_path / "run").exists()  # refused before any model loads or anything is written
+
+
+def test_held_out_examples_follow_the_settings(files):
+    from jointrag.config import load_config
+    from jointrag.data.qa import embedded_examples, load_examples
+    from jointrag.train.build import held_out
+
+    def ids(examples):
+        return [e.id for e in examples]
+
+    assert ids(held_out(load_config(None, []), "dev")) == ids(embedded_examples("dev"))
+    assert ids(held_out(load_config(None, [f"data.train={files['qa']}", "data.dev=embedded"]), "dev")) == ids(embedded_examples("dev"))
+    assert ids(held_out(load_config(None, [f"data.train={files['qa']}", f"data.test={files['qa']}"]), "test")) == ids(load_examples(files["qa"]))
+
+
+def test_eval_of_a_checkpoint_trained_on_your_data_asks_which_questions(capsys, files, index_dir, tiny_dir, tmp_path):
+    out = tmp_path / "run"
+    assert main(train_argv(files, index_dir, tiny_dir, out, "rag-sequence", 1, "eval.limit=1")) == 0
+    capsys.readouterr()
+    assert_user_error(capsys, "eval", "--checkpoint", out / "checkpoint", "--limit", "1", "--out", tmp_path / "ev",
+                      names=(f"was trained on {files['qa']}", "--data FILE", "--split test"))
+    code, _, err = run(capsys, "eval", "--checkpoint", out / "checkpoint", "--data", files["qa"], "--limit", "1",
+                       "--max-new-tokens", "2", "--out", tmp_path / "ev")
+    assert code == 0, err

@@ -282,7 +282,7 @@ def test_pipeline_checkpoint_answers_and_refuses_a_second_run(capsys, pipeline_r
     assert code == 0, err
     assert json.loads(out)["examples"] == len(QA)
     assert_user_error(capsys, "train", "--method", "invar-rag", "--data", files["qa"], "--out", pipeline_run,
-                      names=("--resume",))
+                      "--set", f"data.dev={files['qa']}", "--set", f"data.test={files['qa']}", names=("--resume",))
 
 
 def test_the_memory_check_counts_what_each_stage_runs(files, index_dir, tiny_dir, tmp_path, monkeypatch):

@@ -302,6 +302,7 @@ def test_pipeline_checkpoint_answers_and_resume_skips_finished_stages(capsys, pi
 
 
 def test_pipeline_refuses_an_existing_run_and_a_trained_passage_tower(capsys, pipeline_run, files, index_dir, tiny_dir, tmp_path):
-    assert_user_error(capsys, *train_argv(files, index_dir, tiny_dir, pipeline_run, "ra-dit", 2), names=("--resume",))
-    assert_user_error(capsys, *train_argv(files, index_dir, tiny_dir, tmp_path / "new", "ra-dit", 2,
+    test = f"data.test={files['qa']}"
+    assert_user_error(capsys, *train_argv(files, index_dir, tiny_dir, pipeline_run, "ra-dit", 2, test), names=("--resume",))
+    assert_user_error(capsys, *train_argv(files, index_dir, tiny_dir, tmp_path / "new", "ra-dit", 2, test,
                                           "model.train_passage_tower=true"), names=("query tower",))

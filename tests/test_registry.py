@@ -92,7 +92,8 @@ def test_the_ra_dit_pipeline_mixes_corpus_examples_into_r_ft_only(monkeypatch, f
             raise Stop
 
     monkeypatch.setattr(pipeline.Stages, "train", record)
-    config = load_config(None, [f"model.index={index_dir}", f"data.train={files['qa']}", f"out={tmp_path / 'run'}",
+    config = load_config(None, [f"model.index={index_dir}", f"data.train={files['qa']}", f"data.dev={files['qa']}",
+                                f"data.test={files['qa']}", f"out={tmp_path / 'run'}",
                                 "method.name=ra-dit", "method.corpus_ratio=0.3"])
     with pytest.raises(Stop):
         train(config)

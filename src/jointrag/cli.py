@@ -148,6 +148,14 @@ def cmd_ask(args) -> None:
     print("\n(* = given to the generator)")
 
 
+def checkpoint_training_data(checkpoint: str | None) -> str | None:
+    """The training file (data.train) of the run that wrote `checkpoint`; None for the embedded questions."""
+    from .config import load_config
+
+    saved = Path(checkpoint or "") / "config.yaml"
+    return load_config(str(saved)).data.train if checkpoint and saved.is_file() else None
+
+
 def cmd_eval(args) -> None:
     from .data.qa import embedded_examples, load_examples
     from .io import write_jsonl
@@ -156,6 +164,12 @@ def cmd_eval(args) -> None:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a directory")
+    if not args.data and args.split is None:
+        args.split = "test"
+        trained_on = checkpoint_training_data(args.checkpoint)
+        if trained_on:
+            raise UserError(f"--checkpoint {args.checkpoint} was trained on {trained_on}: pass --data FILE to evaluate on held-out "
+                            "questions of your data, or --split test to evaluate on the embedded SQuAD split on purpose")
     examples = load_examples(args.data, args.data_format) if args.data else embedded_examples(args.split)
     if args.limit:
         examples = examples[: args.limit]
@@ -321,7 +335,8 @@ def make_parser() -> argparse.ArgumentParser:
     add_generation_options(p)
     p.add_argument("--data", help="QA file: SQuAD .json, .jsonl (question, answers, optionally history), DPR .json, NQ-open .jsonl (default: the embedded set)")
     p.add_argument("--data-format", choices=["squad", "jsonl", "dpr", "nq-open"])
-    p.add_argument("--split", default="test", choices=["train", "dev", "test", "all"], help="split of the embedded set (default test)")
+    p.add_argument("--split", choices=["train", "dev", "test", "all"],
+                   help="split of the embedded set (default test; required with a --checkpoint trained on your own --data)")
     p.add_argument("--limit", type=positive_int, help="evaluate only the first N examples")
     p.add_argument("--retrieval-only", action="store_true", help="skip generation; retrieval metrics only")
     p.add_argument("--batch-size", type=positive_int, default=16)

@@ -94,8 +94,10 @@ class TrainConfig:
 @dataclass
 class DataConfig:
     train: str | None = _field(None, "training QA file (default: the embedded train split)")
-    dev: str | None = _field(None, "dev QA file (default: the embedded dev split)")
-    test: str | None = _field(None, "test QA file of a two-stage method's final table (RA-DIT ablation; default: the embedded test split)")
+    dev: str | None = _field(None, "dev QA file, or 'embedded' (default: the embedded dev split when data.train is unset; "
+                                   "required when it is set)")
+    test: str | None = _field(None, "test QA file of a two-stage method's final table (RA-DIT ablation), or 'embedded' "
+                                    "(default: the embedded test split when data.train is unset; required when it is set)")
     format: str | None = _field(None, "squad, jsonl, dpr or nq-open (default: from the file name)")
 
 

@@ -59,6 +59,27 @@ def checkpoint_activations(system: nn.Module) -> None:
     model.activation_checkpointing_enable({"use_reentrant": False})
 
 
+EMBEDDED = "embedded"  # data.dev / data.test: the embedded split, said on purpose
+
+
+def check_held_out(config: RunConfig, split: str) -> None:
+    """Refuse evaluating a run trained on the user's questions on the embedded SQuAD `split` unless asked:
+    its scores would say nothing about the user's data."""
+    data = config.data
+    if data.train and getattr(data, split) is None:
+        raise UserError(f"data.{split} is not set while data.train is {data.train}: the {split} evaluation would use the "
+                        f"embedded SQuAD {split} questions, not yours. Set data.{split}=FILE (held-out questions of your "
+                        f"data), or data.{split}={EMBEDDED} to evaluate on the embedded split on purpose")
+
+
+def held_out(config: RunConfig, split: str) -> list[Example]:
+    """The `split` ("dev" or "test") examples: data.<split>, or the embedded split when it says
+    `embedded` or when training uses the embedded questions too (`check_held_out`)."""
+    check_held_out(config, split)
+    path = getattr(config.data, split)
+    return embedded_examples(split) if path in (None, EMBEDDED) else load_examples(path, config.data.format)
+
+
 def examples_from(config: RunConfig, corpus=None) -> tuple[list[Example], list[Example]]:
     """Training and dev examples: the given files, or the embedded train and dev splits; with
     `method.corpus_ratio` (only for a method that excludes an example's source passage from its
@@ -67,7 +88,7 @@ def examples_from(config: RunConfig, corpus=None) -> tuple[list[Example], list[E
     scores) is keyed by them."""
     data, method = config.data, config.method
     train = load_examples(data.train, data.format) if data.train else embedded_examples("train")
-    dev = load_examples(data.dev, data.format) if data.dev else embedded_examples("dev")
+    dev = held_out(config, "dev")
     if not train:
         raise UserError(f"{data.train or 'the embedded train split'}: no training examples")
     unique_ids(train, data.train or "the embedded train split")

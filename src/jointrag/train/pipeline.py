@@ -17,12 +17,12 @@ import torch
 from torch import nn
 
 from ..config import RunConfig, save_config
-from ..data.qa import embedded_examples, load_examples
 from ..errors import UserError
 from ..evaluation.plot import plot_bars
 from ..io import read_tensors, write_jsonl
 from ..methods._base import CHECKPOINT
 from ..types import Example
+from .build import held_out
 from .loop import Trainer, evaluate_system, load_trained
 
 
@@ -63,10 +63,10 @@ class Stages:
         return load_trained(checkpoint)[1]
 
     def test(self) -> list[Example]:
-        """`data.test` (default: the embedded test split), its first `eval.test_limit`."""
+        """`data.test` (`build.held_out`), its first `eval.test_limit`."""
         if self._test is None:
-            data, limit = self.config.data, self.config.eval.test_limit
-            test = load_examples(data.test, data.format) if data.test else embedded_examples("test")
+            limit = self.config.eval.test_limit
+            test = held_out(self.config, "test")
             self._test = test[:limit] if limit else test
         return self._test
 
