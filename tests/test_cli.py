@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -374,4 +375,21 @@ def test_eval_of_a_checkpoint_trained_on_your_data_asks_which_questions(capsys, 
                       names=(f"was trained on {files['qa']}", "--data FILE", "--split test"))
     code, _, err = run(capsys, "eval", "--checkpoint", out / "checkpoint", "--data", files["qa"], "--limit", "1",
                        "--max-new-tokens", "2", "--out", tmp_path / "ev")
+    assert code == 0, err
+
+
+def test_a_checkpoint_trained_with_relative_paths_evaluates_from_anywhere(capsys, files, index_dir, tiny_dir, tmp_path, monkeypatch):
+    import os
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    relative = {name: os.path.relpath(path, tmp_path / "a") for name, path in (("index", index_dir), ("qa", files["qa"]))}
+    argv = train_argv({**files, "qa": relative["qa"]}, relative["index"], tiny_dir, "run", "rag-sequence", 1, "eval.limit=1")
+    assert main(argv) == 0
+    saved = (tmp_path / "a" / "run" / "checkpoint" / "config.yaml").read_text()
+    assert f"index: {Path(index_dir).resolve()}" in saved and f"train: {Path(files['qa']).resolve()}" in saved
+    monkeypatch.chdir(tmp_path / "b")
+    code, _, err = run(capsys, "eval", "--checkpoint", tmp_path / "a" / "run" / "checkpoint", "--data", files["qa"], "--limit", "1",
+                       "--max-new-tokens", "2", "--out", "ev")
     assert code == 0, err

@@ -320,8 +320,24 @@ def to_dict(config: RunConfig) -> dict:
     return dataclasses.asdict(config)
 
 
+# settings that may name a local file or directory (or a hub id, which is left as it is)
+PATHS = ("out", "model.index", "model.retriever", "model.generator", "model.template", "method.lm_scores", "data.train",
+         "data.dev", "data.test", "bgm.bridge", "bgm.bridge_template", "bgm.silver", "bgm.reference", "invar.teacher",
+         "invar.rewrites", "invar.adapter")
+
+
 def save_config(config: RunConfig, path: Path) -> None:
-    path.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    """Write `config` as YAML, with every setting that names an existing file or directory made absolute:
+    the saved run then loads from any working directory."""
+    values = to_dict(config)
+    for dotted in PATHS:
+        *sections, leaf = dotted.split(".")
+        holder = values
+        for section in sections:
+            holder = holder[section]
+        if isinstance(holder[leaf], str) and Path(holder[leaf]).exists():
+            holder[leaf] = str(Path(holder[leaf]).resolve())
+    path.write_text(yaml.safe_dump(values, sort_keys=False))
 
 
 def describe() -> str:
