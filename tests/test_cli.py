@@ -393,3 +393,23 @@ def test_a_checkpoint_trained_with_relative_paths_evaluates_from_anywhere(capsys
     code, _, err = run(capsys, "eval", "--checkpoint", tmp_path / "a" / "run" / "checkpoint", "--data", files["qa"], "--limit", "1",
                        "--max-new-tokens", "2", "--out", "ev")
     assert code == 0, err
+
+
+def test_train_refuses_an_out_it_cannot_write_or_whose_config_is_the_users(capsys, files, index_dir, tiny_dir, tmp_path):
+    recipe = tmp_path / "mine" / "config.yaml"
+    recipe.parent.mkdir()
+    recipe.write_text("train:\n  steps: 3\n")
+    assert_user_error(capsys, *train_argv(files, index_dir, tiny_dir, recipe.parent, "rag-sequence", 1),
+                      names=(str(recipe), "not one a jointrag run wrote"))
+    assert recipe.read_text() == "train:\n  steps: 3\n"
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    assert_user_error(capsys, *train_argv(files, index_dir, tiny_dir, blocker / "run", "rag-sequence", 1),
+                      names=("cannot create or write it", str(blocker)))
+    assert_user_error(capsys, *train_argv(files, index_dir, tiny_dir, blocker, "rag-sequence", 1), names=("is not a directory",))
+    # a run's own config.yaml (a run killed before its first checkpoint) is no reason to refuse
+    run_dir = tmp_path / "run"
+    assert main(train_argv(files, index_dir, tiny_dir, run_dir, "rag-sequence", 1, "eval.limit=1")) == 0
+    shutil.rmtree(run_dir / "checkpoint")
+    (run_dir / "metrics.jsonl").unlink()
+    assert main(train_argv(files, index_dir, tiny_dir, run_dir, "rag-sequence", 1, "eval.limit=1")) == 0

@@ -2,18 +2,47 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
+import yaml
+
 from .. import distributed
-from ..config import RunConfig
+from ..config import RunConfig, to_dict
+from ..errors import UserError
 from .build import check_held_out, entry
 from .loop import Trainer
 from .pipeline import Stages
+
+
+def check_out(out: Path, resume: bool) -> None:
+    """Refuse, before any model loads, an `--out` that cannot be written, or whose `config.yaml` is not
+    a jointrag run's (the run would overwrite the user's file)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a directory")
+    existing = next(p for p in [out, *out.absolute().parents] if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out}: cannot create or write it ({existing} is not a writable directory)")
+    if not resume and (out / "config.yaml").is_file() and not written_by_a_run(out / "config.yaml"):
+        raise UserError(f"{out / 'config.yaml'} is not one a jointrag run wrote (those hold every section of the settings), "
+                        "and training would overwrite it: choose another --out or move the file")
+
+
+def written_by_a_run(path: Path) -> bool:
+    """Whether the YAML at `path` is a whole saved config (`save_config` writes every section), not a user's recipe."""
+    try:
+        saved = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError):
+        return False
+    return isinstance(saved, dict) and set(saved) == set(to_dict(RunConfig()))
 
 
 def train(config: RunConfig, resume: bool = False) -> dict:
     """Train `config.method` and return its final metrics (a pipeline: its table {row: metrics}).
     Under torchrun, every rank runs this and returns rank 0's metrics."""
     pipeline = entry(config).pipeline
-    check_held_out(config, "dev")  # before any model loads
+    check_out(Path(config.out), resume)  # all before any model loads
+    check_held_out(config, "dev")
     if pipeline is not None:
         check_held_out(config, "test")
     with distributed.process_group(config.train.dist_timeout):
