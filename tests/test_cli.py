@@ -413,3 +413,17 @@ def test_train_refuses_an_out_it_cannot_write_or_whose_config_is_the_users(capsy
     shutil.rmtree(run_dir / "checkpoint")
     (run_dir / "metrics.jsonl").unlink()
     assert main(train_argv(files, index_dir, tiny_dir, run_dir, "rag-sequence", 1, "eval.limit=1")) == 0
+
+
+def test_resume_continues_with_the_runs_own_settings(capsys, files, index_dir, tiny_dir, tmp_path):
+    out = tmp_path / "run"
+    assert main(train_argv(files, index_dir, tiny_dir, out, "rag-sequence", 1, "eval.limit=1")) == 0
+    capsys.readouterr()
+    code, _, err = run(capsys, "train", "--out", out, "--resume", "--steps", "2")  # no --config, --index, --data or tiny models
+    assert code == 0, err
+    assert f"resuming with the settings of {out / 'config.yaml'}" in err
+    import yaml
+
+    saved = yaml.safe_load((out / "checkpoint" / "config.yaml").read_text())
+    assert saved["train"]["steps"] == 2 and saved["model"]["generator"] == str((tiny_dir / "causal").resolve())
+    assert torch.load(out / "checkpoint" / "trainer.pt", weights_only=True)["step"] == 2

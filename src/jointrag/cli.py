@@ -241,6 +241,13 @@ def cmd_train(args) -> None:
     if args.help_config:
         print(describe())
         return
+    if args.resume and args.config is None:  # continue with the run's own settings, not the defaults
+        from .config import RunConfig
+
+        saved = Path(args.out or RunConfig().out) / "config.yaml"
+        if saved.is_file():
+            args.config = str(saved)
+            print(f"jointrag: resuming with the settings of {saved}", file=sys.stderr)
     shorthands = {"method.name": args.method, "data.train": args.data, "model.index": args.index, "out": args.out, "train.steps": args.steps}
     overrides = [f"{key}={value}" for key, value in shorthands.items() if value is not None] + args.overrides
     config = load_config(args.config, overrides)
