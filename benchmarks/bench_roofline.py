@@ -43,6 +43,7 @@ import time
 from pathlib import Path
 
 from bench_retrieval import cpu_model
+from bench_scale import memory
 
 METHODS = ("rag-sequence", "rag-token", "jsa")
 GOAL_FRACTION = 0.40
@@ -118,13 +119,6 @@ def bench_gemm(shapes_of_layer: dict, rows: int) -> dict:
 # --- part 2: our training step (child process) --------------------------------------------------------------
 
 
-def vm(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
 def child(args) -> None:
     """Time `--steps` steps of one method; print its report as JSON on the last line."""
     import torch
@@ -157,7 +151,7 @@ def child(args) -> None:
         with autocast(trainer.system.generator.device, trainer.precision):
             trainer.objective.prepare(trainer.system, trainer.upcoming())
         trainer.system.train()
-        rss_ready = vm("VmRSS")
+        rss_ready = memory()["VmRSS"]
         steps = []
         for i in range(args.warmup + args.steps):
             counted.update(flops=0.0, tokens=0, padded=0)
@@ -168,7 +162,7 @@ def child(args) -> None:
     report = {
         "method": args.child, "generator": trainer.system.generator.name, "precision": trainer.precision,
         "k": trainer.config.method.k, "batch_size": trainer.config.train.batch_size, "grad_accum": trainer.config.train.grad_accum,
-        "non_embedding_params": n, "layer_shapes": layer_shapes(config), "steps": steps, "rss_ready": rss_ready, "peak_rss": vm("VmHWM"),
+        "non_embedding_params": n, "layer_shapes": layer_shapes(config), "steps": steps, "rss_ready": rss_ready, "peak_rss": memory()["VmHWM"],
     }
     print(json.dumps(report))
 

@@ -99,7 +99,7 @@ def model_training_estimate(model: torch.nn.Module, *, sequences: int, tokens: i
         hidden=hidden, layers=layers, vocab=config.vocab_size, lora=any("lora_" in name for name, _ in model.named_parameters()),
         checkpointing=checkpointing,
     )
-    estimate.loaded = estimate.parts["weights"] + estimate.parts["master weights"]  # the trainer holds masters before this check
+    estimate.loaded = estimate.parts["weights"]
     estimate.device = str(next(iter(params)).device)
     return estimate
 

@@ -215,8 +215,7 @@ class Generator(nn.Module):
             parts = [self._causal_logprobs([prompt_ids[i] for i in group], labels[group], mask[group], temperature)
                      for group in length_groups(order, [len(p) for p in prompt_ids], width)]
             return torch.cat(parts)[torch.tensor(order, device=self.device).argsort()], mask
-        logp = torch.log_softmax(logits.float() / temperature, dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)  # (N, T)
-        return logp.masked_fill(~mask, 0.0), mask
+        return target_logprobs(logits, labels, mask, temperature), mask
 
     def _causal_logprobs(self, prompt_ids: list[list[int]], labels: torch.Tensor, mask: torch.Tensor, temperature: float) -> torch.Tensor:
         """`flat_logprobs` of a causal LM for rows given as prompt ids and padded (labels, mask) (n, T):
@@ -236,8 +235,7 @@ class Generator(nn.Module):
         # no key/value cache: a teacher-forced pass would only hold it until the logits are freed
         logits = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=False, **extra).logits
         logits = logits[:, -(width + 1) : -1]  # (n, T, V): position t-1 predicts target token t
-        logp = torch.log_softmax(logits.float() / temperature, dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)  # (n, T)
-        return logp.masked_fill(~mask, 0.0)
+        return target_logprobs(logits, labels, mask, temperature)
 
     @torch.inference_mode()
     def generate(
@@ -340,6 +338,12 @@ def load_generator(name_or_path: str | None = None, *, chat: bool = False, preci
     device = default_device()
     precision = resolve_precision(precision, device)
     return Generator(model.to(device, weight_dtype(precision)), tokenizer, name=name, chat=chat, precision=precision)
+
+
+def target_logprobs(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log p(label) under softmax(logits / temperature), in fp32, per target position (n, T); 0 at padding."""
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    return logp.masked_fill(~mask, 0.0)
 
 
 # a pass over rows of similar length wastes little on padding, but a pass over too few tokens runs its

@@ -175,11 +175,11 @@ class Trainer:
             print("jointrag: train.fsdp has no effect in one process: the generator trains unsharded", file=sys.stderr)
         _seed(config.train.seed)
         self.objective = objective_from(config)
+        if config.train.checkpointing and "generator" not in self.objective.trains:  # before the models load
+            raise UserError(f"train.checkpointing: {config.method.name} does not train the generator, whose layers it checkpoints")
         self.system = system_for(config, self.objective)
         set_trainable(self.system, self.objective.trains, passage_tower=config.model.train_passage_tower)
         if config.train.checkpointing:
-            if "generator" not in self.objective.trains:
-                raise UserError(f"train.checkpointing: {config.method.name} does not train the generator, whose layers it checkpoints")
             checkpoint_activations(self.system)
         distributed.broadcast_parameters([p for p in self.system.parameters() if p.requires_grad])  # start alike
         if self.fsdp:  # before the memory check and the optimiser; FSDP shards fp32 weights (bf16 runs under autocast)
