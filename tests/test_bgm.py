@@ -620,7 +620,7 @@ def test_pipeline_trains_both_stages_and_writes_the_table(pipeline_run):
     table = out / "comparison"
     rows = json.loads((table / "table.json").read_text())
     assert list(rows) == ["top-1 passage", "top-3 passages", "SL bridge", "SL + PPO bridge"]
-    assert all(set(m) == {"examples", "em", "f1", "passages"} and m["examples"] == len(QA_ROWS) for m in rows.values())
+    assert all(set(m) == {"examples", "em", "f1", "rouge_l", "passages"} and m["examples"] == len(QA_ROWS) for m in rows.values())
     assert rows["top-1 passage"]["passages"] == 1 and rows["top-3 passages"]["passages"] == 3
     assert (table / "table.md").read_text().count("\n") == 6 and (table / "table.png").stat().st_size > 0
     predictions = [json.loads(line) for line in (table / "SL_PPObridge.jsonl").read_text().splitlines()]

@@ -263,7 +263,7 @@ def test_gzipped_jsonl_errors_name_the_line(tmp_path: Path) -> None:
             "answers",
             "expected a list of strings, got a list containing an integer",
         ),
-        ({"question": "Q?", "answers": []}, "answers", "empty list"),
+        ({"question": "Q?", "answer": []}, "answer", "empty list; answers are needed to evaluate (an unanswerable question has"),
         ({"question": "Q?", "answer": [None]}, "answer", "expected a list of strings"),
         ({"question": "Q?", "answers": ["a"], "id": ["x"]}, "id", "expected a string or integer id"),
         ({"question": "Q?", "answers": ["a"], "gold_ids": "P#0"}, "gold_ids", "expected a list of strings"),
@@ -323,6 +323,48 @@ def test_corrupt_gzip(tmp_path: Path) -> None:
     path.write_bytes(b"not gzip at all")
     message = user_error(path)
     assert message.startswith(f"{path}: cannot read")
+
+
+# --- unanswerable questions ------------------------------------------------------------------------
+
+CLAPNQ = Path(__file__).resolve().parents[2] / "shared" / "data" / "clapnq-dev"
+
+
+def test_jsonl_empty_answers_mark_an_unanswerable_question(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "qa.jsonl", [
+        {"id": "u1", "question": "Who won in 2030?", "answers": [], "gold_ids": ["p1"]},
+        {"id": "u2", "question": "Who won in 2031?", "answers": ["", "  "]},  # ClapNQ's unanswerable answer is ""
+        {"id": "a1", "question": "Who won?", "answers": ["", "Denver Broncos"]},
+    ])
+    assert load_examples(path) == [
+        Example("u1", "Who won in 2030?", (), ("p1",)),
+        Example("u2", "Who won in 2031?", ()),
+        Example("a1", "Who won?", ("Denver Broncos",)),
+    ]
+
+
+def test_squad_is_impossible_marks_an_unanswerable_question(tmp_path: Path) -> None:
+    def impossible(doc: dict) -> None:
+        doc["data"][1]["paragraphs"][0]["qas"][0].update(answers=[], is_impossible=True)
+
+    examples = load_examples(write_json(tmp_path / "squad.json", squad_with(impossible)))
+    assert examples[2] == Example("q3", "What do dogs do?", (), ("Dogs#0",))
+    assert examples[:2] == EXPECTED_SQUAD[:2]
+
+
+@pytest.mark.skipif(not CLAPNQ.is_dir(), reason=f"no ClapNQ data at {CLAPNQ}")
+def test_clapnq_dev_as_jsonl(tmp_path: Path) -> None:
+    """ClapNQ's records as our JSON Lines, answers = every `output[*].answer`: its 300 unanswerable
+    questions (answer "") load with no answers, its 300 answerable ones with 1 to 7 long answers."""
+    records = []
+    for name in ("clapnq_dev_answerable.jsonl.gz", "clapnq_dev_unanswerable.jsonl.gz"):
+        for line in gzip.open(CLAPNQ / name, "rt", encoding="utf-8"):
+            row = json.loads(line)
+            records.append({"id": row["id"], "question": row["input"], "answers": [o["answer"] for o in row["output"]]})
+    examples = load_examples(write_jsonl(tmp_path / "clapnq.jsonl", records))
+    assert sum(not e.answers for e in examples) == 300
+    assert Counter(len(e.answers) for e in examples[:300]).keys() <= set(range(1, 8))
+    assert all(e.answers for e in examples[:300]) and not any(e.answers for e in examples[300:])
 
 
 def squad_with(change) -> dict:

@@ -1,4 +1,4 @@
-"""Tests for jointrag.data.dialog (DSTC11, MTRAG-UN, OR-QuAC, DoQA loaders; dialog split) and the dialog
+"""Tests for jointrag.data.dialog (DSTC9/10, DSTC11, MTRAG-UN, OR-QuAC, DoQA loaders; dialog split) and the dialog
 metrics of jointrag.metrics (BLEU, ROUGE-L, knowledge selection), the latter against hand computation.
 
 The real-data tests read `../shared/data` (see its README for the counts) and are skipped without it.
@@ -10,6 +10,7 @@ import gzip
 import hashlib
 import json
 import math
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from jointrag.data.dialog import (
     history_query,
     load_dialog,
     load_doqa,
+    load_dstc9,
     load_dstc11,
     load_mtrag,
     load_orquac,
@@ -34,6 +36,7 @@ from jointrag.types import Example
 FIXTURES = Path(__file__).parent / "fixtures" / "dialog"
 ORQUAC = FIXTURES / "orquac_dev.txt"
 DOQA = FIXTURES / "doqa-cooking-dev-v2.1.json"
+DSTC9 = FIXTURES / "dstc9" / "val"  # DSTC9/10 track 2 layout: val/logs.json, val/labels.json, knowledge.json one up
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 DSTC11 = SHARED / "dstc11-track5-val"
 MTRAG = SHARED / "mtrag-un" / "reference.jsonl.gz"
@@ -203,7 +206,9 @@ def test_load_dialog_detects_the_fixture_formats_and_accepts_explicit_ones():
     assert load_dialog(ORQUAC) == load_orquac(ORQUAC)
     assert load_dialog(DOQA) == load_doqa(DOQA)
     assert load_dialog(ORQUAC, "orquac", last_turns=1) == load_orquac(ORQUAC, last_turns=1)
-    assert set(FORMATS) == {"dstc11", "mtrag", "orquac", "doqa"}
+    assert load_dialog(DSTC9) == load_dstc9(DSTC9)  # a folder whose knowledge has "docs"
+    assert load_dialog(DSTC9 / "logs.json") == load_dialog(DSTC9, "dstc9")
+    assert set(FORMATS) == {"dstc9", "dstc11", "mtrag", "orquac", "doqa"}
 
 
 def test_load_dialog_refuses_unknown_or_undetectable_formats(tmp_path):
@@ -211,7 +216,7 @@ def test_load_dialog_refuses_unknown_or_undetectable_formats(tmp_path):
         load_dialog(ORQUAC, "coqa")
     plain = tmp_path / "dialogs.jsonl"
     plain.write_text('{"question": "hi", "answers": ["hello"]}\n')
-    with pytest.raises(UserError, match="cannot tell the dialog format.*dstc11, mtrag, orquac, doqa"):
+    with pytest.raises(UserError, match="cannot tell the dialog format.*dstc9, dstc11, mtrag, orquac, doqa"):
         load_dialog(plain)
 
 
@@ -364,10 +369,114 @@ def test_dstc11_log_knowledge_and_file_errors(tmp_path):
     (folder / "labels.json").unlink()
     with pytest.raises(UserError, match="its labels file labels.json is not next to it"):
         load_dstc11(folder)
-    with pytest.raises(UserError, match="expected one DSTC11 logs file"):
+    with pytest.raises(UserError, match="expected one DSTC logs file"):
         load_dstc11(tmp_path)
-    with pytest.raises(UserError, match="a DSTC11 logs file is named logs.json or \\*_logs.json"):
+    with pytest.raises(UserError, match="a DSTC logs file is named logs.json or \\*_logs.json"):
         load_dstc11(folder / "knowledge.json")
+
+
+# --- DSTC9/10 track 2 (fixture in the published layout) --------------------------------------------
+
+
+def test_dstc9_fixture():
+    examples, passages = load_dstc9(DSTC9)
+    knowledge = json.loads((DSTC9.parent / "knowledge.json").read_text())
+    labels = json.loads((DSTC9 / "labels.json").read_text())
+    assert [p.id for p in passages] == [f"{domain}/{entity}/faq/{doc}" for domain, entities in knowledge.items()
+                                        for entity, record in entities.items() for doc in record["docs"]]
+    by_id = {p.id: p for p in passages}
+    assert by_id["hotel/11/faq/1"].title == "Acorn Guest House"
+    assert by_id["hotel/11/faq/1"].text == "Are pets allowed? No, pets are not allowed at Acorn Guest House."
+    assert by_id["taxi/*/faq/1"].title == "taxi"  # a domain-wide document (entity "*", name null)
+
+    assert len(examples) == 7 == sum(label["target"] for label in labels)  # knowledge-seeking instances only
+    assert [e.id.rpartition("#")[2] for e in examples] == ["1", "2", "3", "5", "6", "7", "8"]
+    assert all(e.id.startswith("dstc9/") for e in examples)
+    assert [e.gold_ids for e in examples][-2:] == [("restaurant/5/faq/1",), ("taxi/*/faq/1",)]
+    pets = examples[1]
+    assert pets.answers == ("I'm sorry, Acorn Guest House does not allow pets.",)
+    assert pets.history == (
+        ("user", "I need a guesthouse in the north with free parking."),
+        ("agent", "Acorn Guest House is in the north. Shall I book it?"),
+        ("user", "Does it allow pets?"),
+    )
+    assert pets.question == " ".join(text for _, text in pets.history)
+    assert len({dialog_id(e) for e in examples}) == 4  # instances cut from one dialog share its id
+    assert dialog_id(examples[1]) == dialog_id(examples[4])
+
+    everything, _ = load_dstc9(DSTC9, knowledge_seeking_only=False)
+    assert len(everything) == 10 and sum(1 for e in everything if not e.answers and not e.gold_ids) == 3
+
+
+def test_dstc_formats_refuse_each_others_knowledge(tmp_path):
+    with pytest.raises(UserError, match=r"knowledge.json, field 'hotel.11': has 'docs', the DSTC9 knowledge layout; "
+                                        r"use format 'dstc9'"):
+        load_dstc11(DSTC9)
+    folder = _write_dstc11(tmp_path / "dstc11")
+    with pytest.raises(UserError, match=r"field 'hotel.7': has 'reviews' and 'faqs', the DSTC11 knowledge layout; "
+                                        r"use format 'dstc11'"):
+        load_dstc9(folder)
+    assert load_dialog(folder) == load_dstc11(folder)  # detected from the knowledge's shape
+    (folder / "knowledge.json").write_text(json.dumps({"hotel": {"7": {"name": "Blue Inn"}}}))
+    with pytest.raises(UserError, match="cannot tell DSTC9/10 knowledge .* pass the format, 'dstc9' or 'dstc11'"):
+        load_dialog(folder)
+
+
+def _write_dstc9(folder: Path, knowledge: dict | None = None, labels: list | None = None) -> Path:
+    """The fixture's logs, with its labels and knowledge or the given ones, all in `folder`."""
+    folder.mkdir(parents=True)
+    shutil.copy(DSTC9 / "logs.json", folder / "logs.json")
+    shutil.copy(DSTC9 / "labels.json", folder / "labels.json")
+    shutil.copy(DSTC9.parent / "knowledge.json", folder / "knowledge.json")
+    for name, value in (("labels.json", labels), ("knowledge.json", knowledge)):
+        if value is not None:
+            (folder / name).write_text(json.dumps(value))
+    return folder
+
+
+def _dstc9_labels(snippet: dict | None = None, **changes) -> list:
+    """The fixture's labels with instance 1's first knowledge snippet replaced by `snippet` and its
+    other fields updated by `changes`."""
+    labels = json.loads((DSTC9 / "labels.json").read_text())
+    if snippet is not None:
+        labels[1]["knowledge"][0] = snippet
+    labels[1].update(changes)
+    return labels
+
+
+@pytest.mark.parametrize(
+    "labels, message",
+    [
+        (_dstc9_labels({"domain": "hotel", "entity_id": 23, "doc_id": 7}),
+         r"labels.json, field '\[1\].knowledge\[0\]': hotel/23/faq/7 is not in the knowledge file"),
+        (_dstc9_labels({"domain": "taxi", "entity_id": 3, "doc_id": 0}), r"taxi/3/faq/0 is not in the knowledge file"),
+        (_dstc9_labels({"domain": "hotel", "entity_id": 23}), r"field '\[1\].knowledge\[0\].doc_id': missing field"),
+        (_dstc9_labels({"domain": "hotel", "entity_id": 23, "doc_id": 0, "doc_type": "review", "sent_id": 0}),
+         r"field '\[1\].knowledge\[0\].doc_type': expected 'faq' \(DSTC9/10 knowledge holds FAQ documents only"),
+        (_dstc9_labels({"domain": "hotel", "entity_id": None, "doc_id": 0}),
+         r"field '\[1\].knowledge\[0\].entity_id': expected a string or integer id, got null"),
+        (_dstc9_labels(knowledge="hotel/23/faq/0"), r"field '\[1\].knowledge': expected a list, got a string"),
+        (_dstc9_labels(target=1), r"field '\[1\].target': expected a boolean, got an integer"),
+    ],
+)
+def test_dstc9_label_errors(tmp_path, labels, message):
+    with pytest.raises(UserError, match=message):
+        load_dstc9(_write_dstc9(tmp_path / "val", labels=labels))
+
+
+def test_dstc9_knowledge_errors(tmp_path):
+    knowledge = json.loads((DSTC9.parent / "knowledge.json").read_text())
+    knowledge["taxi"]["*"]["name"] = 3
+    with pytest.raises(UserError, match=r"knowledge.json, field 'taxi.\*.name': expected a string or null, got an integer"):
+        load_dstc9(_write_dstc9(tmp_path / "a", knowledge=knowledge))
+    knowledge = json.loads((DSTC9.parent / "knowledge.json").read_text())
+    del knowledge["hotel"]["23"]["docs"]["1"]["body"]
+    with pytest.raises(UserError, match=r"knowledge.json, field 'hotel.23.docs.1.body': missing field"):
+        load_dstc9(_write_dstc9(tmp_path / "b", knowledge=knowledge))
+    knowledge = json.loads((DSTC9.parent / "knowledge.json").read_text())
+    knowledge["train"]["*"]["docs"] = ["Is there WiFi?"]
+    with pytest.raises(UserError, match=r"field 'train.\*.docs': expected an object, got a list"):
+        load_dstc9(_write_dstc9(tmp_path / "c", knowledge=knowledge))
 
 
 def _jsonl(path: Path, records: list) -> Path:

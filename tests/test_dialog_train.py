@@ -1,4 +1,5 @@
-"""Dialog data through every command: `jointrag dialog-data` (DSTC11 track 5 and the OR-QuAC fixture),
+"""Dialog data through every command: `jointrag dialog-data` (DSTC11 track 5, the OR-QuAC fixture and the
+DSTC9/10 track 2 fixture, the latter also through `index`, `eval` and `train`),
 the JSONL `history` field, dialog prompts (tagged history, chat messages; QA prompts unchanged), a
 tiny CPU training run of every method on dialog data through the CLI, and the dialog metrics of
 `jointrag eval`.
@@ -31,6 +32,7 @@ from test_generator import CHAT_TEMPLATE
 ROOT = Path(__file__).resolve().parents[1]
 DIALOG_TEMPLATE = ROOT / "configs" / "templates" / "dialog.yaml"
 ORQUAC = Path(__file__).parent / "fixtures" / "dialog" / "orquac_dev.txt"
+DSTC9 = Path(__file__).parent / "fixtures" / "dialog" / "dstc9" / "val"
 DSTC11 = ROOT.parent / "shared" / "data" / "dstc11-track5-val"
 DIALOG_METRICS = ("bleu1", "bleu4", "rouge_l", "knowledge_precision", "knowledge_recall", "knowledge_f1")
 HISTORY = (("user", "Hi, a hotel in the west?"), ("agent", "Hobsons House has 3 stars. "), ("user", "Is it clean?"))
@@ -82,6 +84,44 @@ def test_dialog_data_on_orquac(capsys, tmp_path):
     code, stdout, err = run(capsys, "dialog-data", "--out", tmp_path / "text", "--input", ORQUAC)
     assert code == 0, err
     assert "3 examples from 1 dialogs" in stdout and "5 passages" in stdout
+
+
+def test_dialog_data_on_dstc9(capsys, tmp_path):
+    """The DSTC9/10 fixture (detected from its knowledge.json): 7 knowledge-seeking turns of 4 dialogs,
+    9 FAQ documents; the 3 turns with `target: false` are left out."""
+    out = tmp_path / "dstc9"
+    summary = convert(capsys, out, "--input", DSTC9, "--test-fraction", "0.5")
+    assert summary == {"out": str(out), "passages": 9, "train": {"examples": 4, "dialogs": 2},
+                       "test": {"examples": 3, "dialogs": 2}}
+    examples, passages = load_dialog(DSTC9, "dstc9")
+    assert_written(out, examples, passages, 0.5, 0)
+    assert convert(capsys, tmp_path / "named", "--input", DSTC9 / "logs.json", "--format", "dstc9", "--test-fraction", "0.5") == {
+        **summary, "out": str(tmp_path / "named")}
+    assert_user_error(capsys, "dialog-data", "--input", DSTC9, "--format", "dstc11", "--out", tmp_path / "o",
+                      names=("knowledge.json", "'dstc9'"))
+
+
+def test_dstc9_data_goes_through_index_eval_and_train(capsys, tiny_dir, tmp_path):
+    data = tmp_path / "data"
+    convert(capsys, data, "--input", DSTC9, "--test-fraction", "0.5")
+    files = {"qa": data / "train.jsonl", "test": data / "test.jsonl", "corpus": data / "corpus.jsonl"}
+    index = tmp_path / "index"
+    code, _, err = run(capsys, "index", "--corpus", files["corpus"], "--out", index, "--retriever", tiny_dir / "encoder",
+                       "--precision", "fp32")
+    assert code == 0, err
+    code, stdout, err = run(capsys, "eval", "--index", index, "--data", files["test"], "-k", "3",
+                            "--generator", tiny_dir / "causal", "--template", DIALOG_TEMPLATE, "--max-new-tokens", "4",
+                            "--precision", "fp32", "--out", tmp_path / "eval", "--json")
+    assert code == 0, err
+    result = json.loads(stdout)
+    assert result["examples"] == 3 and {"gold_recall@3", "mrr@3", *DIALOG_METRICS} <= result.keys()
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert all(len(row["gold_ids"]) == 1 and "/faq/" in row["gold_ids"][0] for row in rows)
+    out = tmp_path / "run"
+    code, stdout, err = run(capsys, *dialog_argv(files, str(index), tiny_dir, out, "rag-sequence"), "--json")
+    assert code == 0, err
+    assert_dialog_metrics(json.loads(stdout))
+    assert_complete_run(out, 2)
 
 
 def test_dialog_data_errors(capsys, tmp_path):
@@ -322,10 +362,10 @@ def test_dialog_metrics_aggregate_over_the_dialog_examples_only():
         score_example(Example("q1", "q", ("Paris",), ("a",)), Retrieved([a], [1.0]), "London", 2),
     ]
     result = aggregate(rows, 2)
-    assert "history" not in rows[2] and "rouge_l" not in rows[2]
+    assert "history" not in rows[2] and rows[2]["rouge_l"] == 0.0  # ROUGE-L is an answer metric, QA rows have it too
     assert (result["knowledge_precision"], result["knowledge_recall"], result["knowledge_f1"]) == (50.0, 33.33, 40.0)
     dialog_predictions = ["the cat sat on a mat", "a dog"], [["the cat sat on the mat"], ["a dog"]]
     assert result["bleu1"] == round(100 * metrics.corpus_bleu(*dialog_predictions, max_order=1), 2)
-    assert result["rouge_l"] == round(100 * (metrics.rouge_l("the cat sat on a mat", ["the cat sat on the mat"]) + 1) / 2, 2)
+    assert result["rouge_l"] == round(100 * (metrics.rouge_l("the cat sat on a mat", ["the cat sat on the mat"]) + 1 + 0) / 3, 2)
     qa_only = aggregate(rows[2:], 2)
-    assert not set(DIALOG_METRICS) & qa_only.keys() and math.isclose(qa_only["em"], 0.0)
+    assert set(DIALOG_METRICS) & qa_only.keys() == {"rouge_l"} and math.isclose(qa_only["em"], 0.0)

@@ -5,6 +5,9 @@ from __future__ import annotations
 import pytest
 
 from jointrag.metrics import (
+    ABSTENTIONS,
+    abstains,
+    abstention,
     answer_recall_at_k,
     exact_match,
     gold_recall_at_k,
@@ -13,6 +16,7 @@ from jointrag.metrics import (
     mean,
     normalize_answer,
     reciprocal_rank,
+    rouge_l,
     token_f1,
 )
 
@@ -141,3 +145,39 @@ def test_mrr_is_the_mean_of_reciprocal_ranks() -> None:
 def test_mean() -> None:
     assert mean([1.0, 0.5, 0.0]) == 0.5
     assert mean([]) == 0.0
+
+
+# --- unanswerable questions -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("prediction", ["Unanswerable.", "unanswerable", "No answer", "I don't know!", "I do not know.",
+                                        "", "  ", "cannot answer", "Not answerable", "The."])  # "The." says nothing
+def test_abstains_on_the_fixed_phrases_after_normalisation(prediction: str) -> None:
+    assert abstains(prediction)
+
+
+@pytest.mark.parametrize("prediction", ["The passage does not say.", "no", "unknown", "Paris", "unanswerable question"])
+def test_other_predictions_do_not_abstain(prediction: str) -> None:
+    assert not abstains(prediction)
+
+
+def test_an_unanswerable_question_scores_abstaining() -> None:
+    assert "unanswerable" in ABSTENTIONS
+    for metric in (exact_match, token_f1, rouge_l):
+        assert metric("Unanswerable.", []) == 1.0, metric
+        assert metric("Paris", []) == 0.0, metric
+        assert metric("Unanswerable.", ["Paris"]) == 0.0, metric  # abstaining on an answerable question is wrong
+
+
+def test_abstention_precision_recall_f1_by_hand() -> None:
+    predictions = ["unanswerable", "Paris", "I don't know", "Rome", "no answer"]
+    answers = [[], [], ["Paris"], ["Rome"], []]
+    # Unanswerable: 0, 1, 4; abstained: 0, 2, 4. tp = 2 (0 and 4): P = 2/3, R = 2/3, F1 = 2/3.
+    scores = abstention(predictions, answers)
+    assert scores == pytest.approx((2 / 3, 2 / 3, 2 / 3))
+    # Never abstaining: P and R are 0; always abstaining: R = 1, P = the unanswerable share (3/5), F1 = 3/4.
+    assert abstention(["x", "b"], [[], ["b"]]) == (0.0, 0.0, 0.0)
+    assert abstention([""] * 5, answers) == pytest.approx((3 / 5, 1.0, 0.75))
+    assert abstention([], []) == (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="1 predictions but 2 references"):
+        abstention(["a"], [[], []])

@@ -2,9 +2,15 @@
 
 Answer metrics follow the official SQuAD v1.1 evaluation script so that numbers are comparable with
 published ones. Every function that takes `answers` scores against the best-matching reference
-(max over answers), as SQuAD and NQ-open do; with no reference answers the score is 0. Response
-metrics for dialog (BLEU, ROUGE-L) and knowledge selection follow the DSTC11 track 5 scorer. Every
-score is in [0, 1].
+(max over answers), as SQuAD and NQ-open do. Response metrics for dialog (BLEU, ROUGE-L) and
+knowledge selection follow the DSTC11 track 5 scorer. Every score is in [0, 1].
+
+A question with no reference answers is unanswerable (SQuAD 2.0's `is_impossible`, ClapNQ's and
+MTRAG's unanswerable questions). The right prediction is to abstain: `exact_match`, `token_f1` and
+`rouge_l` score 1.0 when it `abstains` (says one of the fixed `ABSTENTIONS`) and 0.0 otherwise, and
+`abstention` measures how well abstaining tracks unanswerability over a set. For an answerable
+question an abstention is just a wrong answer. The retrieval metrics that look for an answer string
+(`has_answer`, `answer_recall_at_k`) find none in any passage.
 """
 
 from __future__ import annotations
@@ -33,8 +39,24 @@ def normalize_answer(s: str) -> str:
     return " ".join(s.split())
 
 
+ABSTENTIONS = ("", "unanswerable", "no answer", "not answerable", "cannot answer", "i don't know", "i do not know")
+"""What a prediction that abstains says, compared after `normalize_answer`: "Unanswerable." and "I don't
+know!" abstain, "The passage does not say." does not. A fixed list rather than a judge, so that the
+scores are reproducible; prompt the generator to use one of these phrases. The empty string is one: a
+prediction that normalises to nothing (no words, or only punctuation and articles) has said nothing."""
+_ABSTAINING = frozenset(normalize_answer(phrase) for phrase in ABSTENTIONS)
+
+
+def abstains(prediction: str) -> bool:
+    """Whether the normalised prediction is one of the normalised `ABSTENTIONS`."""
+    return normalize_answer(prediction) in _ABSTAINING
+
+
 def exact_match(prediction: str, answers: Sequence[str]) -> float:
-    """1.0 if the normalised prediction equals some normalised answer, else 0.0."""
+    """1.0 if the normalised prediction equals some normalised answer, else 0.0; with no answers (an
+    unanswerable question) 1.0 if the prediction `abstains`, else 0.0."""
+    if not _answer_list(answers):
+        return float(abstains(prediction))
     prediction = normalize_answer(prediction)
     return max((float(prediction == normalize_answer(a)) for a in _answer_list(answers)), default=0.0)
 
@@ -44,8 +66,11 @@ def token_f1(prediction: str, answers: Sequence[str]) -> float:
 
     F1 is the harmonic mean of precision and recall over the multiset of shared tokens. When either
     side normalises to no tokens the score is 1.0 if both do and 0.0 otherwise (the SQuAD v2.0
-    script's rule; v1.1 would give 0.0 even for two empty strings).
+    script's rule; v1.1 would give 0.0 even for two empty strings). With no answers (an unanswerable
+    question) 1.0 if the prediction `abstains`, else 0.0, as `exact_match`.
     """
+    if not _answer_list(answers):
+        return float(abstains(prediction))
     pred_tokens = normalize_answer(prediction).split()
     return max((_f1(pred_tokens, normalize_answer(a).split()) for a in _answer_list(answers)), default=0.0)
 
@@ -161,8 +186,11 @@ def rouge_l(prediction: str, answers: Sequence[str]) -> float:
     Both sides are lower-cased, every run of characters other than a-z and 0-9 becomes a token break,
     and tokens longer than 3 characters are Porter-stemmed. With L the length of the longest common
     subsequence of the token lists, P = L / len(prediction), R = L / len(answer), F = 2PR / (P + R);
-    0.0 when either side has no tokens. Average over examples with `mean`.
+    0.0 when either side has no tokens. Average over examples with `mean`. With no answers (an
+    unanswerable question) 1.0 if the prediction `abstains`, else 0.0, as `exact_match`.
     """
+    if not _answer_list(answers):
+        return float(abstains(prediction))
     scorer = _rouge_l_scorer()
     return max((scorer.score(a, prediction)["rougeL"].fmeasure for a in _answer_list(answers)), default=0.0)
 
@@ -200,6 +228,33 @@ def knowledge_selection(predicted: Sequence[Iterable[str]], gold: Sequence[Itera
     recall = tp / (tp + fn) if tp + fn else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     return SelectionScores(precision, recall, f1, matched / scored if scored else 0.0)
+
+
+class AbstentionScores(NamedTuple):
+    """How well abstaining tracks unanswerability over a set (see `abstention`)."""
+
+    precision: float
+    recall: float
+    f1: float
+
+
+def abstention(predictions: Sequence[str], answers: Sequence[Sequence[str]]) -> AbstentionScores:
+    """Precision, recall and F1 of abstaining as a detector of unanswerable questions.
+
+    An example is unanswerable when `answers[i]` is empty and abstained when `predictions[i]` `abstains`;
+    tp = unanswerable and abstained, P = tp / abstained, R = tp / unanswerable, F1 = 2PR / (P + R),
+    each 0.0 when undefined. A model that never abstains has P = R = 0 on a set with unanswerable
+    questions; one that always abstains has R = 1 and P = the unanswerable share.
+    """
+    _check_aligned(predictions, answers)
+    _check_sequences(answers)
+    abstained = [abstains(prediction) for prediction in predictions]
+    unanswerable = [not refs for refs in answers]
+    tp = sum(a and u for a, u in zip(abstained, unanswerable))
+    precision = tp / sum(abstained) if any(abstained) else 0.0
+    recall = tp / sum(unanswerable) if any(unanswerable) else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return AbstentionScores(precision, recall, f1)
 
 
 @lru_cache(maxsize=1)

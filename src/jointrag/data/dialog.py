@@ -1,11 +1,12 @@
-"""Knowledge-grounded dialog data: DSTC11 track 5, MTRAG-UN, OR-QuAC and DoQA (methods.md §8).
+"""Knowledge-grounded dialog data: DSTC9/DSTC10 track 2, DSTC11 track 5, MTRAG-UN, OR-QuAC and DoQA
+(methods.md §8).
 
 Every loader returns `(examples, passages)`: one `Example` per response to predict, and the
 knowledge corpus as `Passage`s (each passage once, in first-seen order). A dialog example is an
 `Example` whose fields mean:
 
 - `history`: the (speaker, text) turns before the response, oldest first. Speakers are normalised to
-  "user" and "agent": DSTC11's "U"/"S" map to them, and in OR-QuAC and DoQA every question is a user
+  "user" and "agent": DSTC's "U"/"S" map to them, and in OR-QuAC and DoQA every question is a user
   turn and every answer an agent turn. `render_history` writes them speaker-tagged for a prompt.
 - `question`: the retrieval query: the texts of the last `last_turns` history turns, oldest first,
   without speaker tags, joined by " " (`history_query`). The default, 3, is the user's question, the
@@ -17,9 +18,11 @@ knowledge corpus as `Passage`s (each passage once, in first-seen order). A dialo
   dialog and `split_by_dialog` keeps every turn of a dialog on one side.
 
 Passage ids per format: DSTC11 `f"{domain}/{entity_id}/faq/{doc_id}"` for an FAQ pair and
-`f"{domain}/{entity_id}/review/{doc_id}/{sent_id}"` for one review sentence; MTRAG-UN the published
-`document_id`; OR-QuAC and DoQA, which give passages no ids, `f"orquac/{h}"` and `f"doqa/{h}"` with
-`h` the first 16 hex digits of the SHA-1 of the passage text (stable, and equal texts merge).
+`f"{domain}/{entity_id}/review/{doc_id}/{sent_id}"` for one review sentence; DSTC9/10 the same FAQ ids
+for its documents (DSTC11's FAQs are DSTC9/10's documents, so the ids agree; `entity_id` is "*" for a
+domain-wide document); MTRAG-UN the published `document_id`; OR-QuAC and DoQA, which give passages no
+ids, `f"orquac/{h}"` and `f"doqa/{h}"` with `h` the first 16 hex digits of the SHA-1 of the passage
+text (stable, and equal texts merge).
 
 Bad input raises `UserError` naming the file and the line (JSON Lines) or the record's JSON path
 (`[12].knowledge[0].doc_id`), and the field.
@@ -47,7 +50,7 @@ History = tuple[tuple[str, str], ...]
 Loaded = tuple[list[Example], list[Passage]]
 
 _SPEAKERS = {"U": "user", "S": "agent", "user": "user", "agent": "agent"}
-_DSTC11_LOGS = re.compile(r"(?:.*_)?logs(?=\.json(?:\.gz)?$)")  # logs.json, val_logs.json.gz: matches up to "logs"
+_DSTC_LOGS = re.compile(r"(?:.*_)?logs(?=\.json(?:\.gz)?$)")  # logs.json, val_logs.json.gz: matches up to "logs"
 
 
 # --- public API -------------------------------------------------------------------------------------
@@ -56,7 +59,8 @@ _DSTC11_LOGS = re.compile(r"(?:.*_)?logs(?=\.json(?:\.gz)?$)")  # logs.json, val
 def load_dialog(path: str | Path, fmt: str | None = None, last_turns: int | None = DEFAULT_LAST_TURNS) -> Loaded:
     """Read dialog examples and their knowledge corpus from `path` in format `fmt` (one of `FORMATS`).
 
-    When `fmt` is None it is detected: a folder, or a file named like `logs.json`, is DSTC11; a
+    When `fmt` is None it is detected: a folder, or a file named like `logs.json`, is DSTC9/10 when
+    the entities of its knowledge file hold "docs" and DSTC11 when they hold "faqs" or "reviews"; a
     JSON Lines file is MTRAG-UN when its first record has "input" and "targets" and OR-QuAC when it
     has "evidences"; a JSON document with "data" is DoQA. Anything else must name its format.
     """
@@ -108,7 +112,7 @@ def split_by_dialog(
     return train, test
 
 
-# --- DSTC11 track 5 ---------------------------------------------------------------------------------
+# --- DSTC11 track 5 and DSTC9/10 track 2 ------------------------------------------------------------
 
 
 def load_dstc11(
@@ -131,9 +135,40 @@ def load_dstc11(
     SHA-1 prefix in the id): the instances cut from one dialog share it. Dialogs that open with the
     same words merge, which only makes `split_by_dialog` coarser.
     """
+    return _load_dstc(path, "dstc11", _dstc11_knowledge, last_turns, knowledge_seeking_only)
+
+
+def load_dstc9(
+    path: str | Path,
+    last_turns: int | None = DEFAULT_LAST_TURNS,
+    knowledge_seeking_only: bool = True,
+) -> Loaded:
+    """DSTC9 track 2 (Kim et al. 2020) and DSTC10 track 2 (Kim et al. 2021): MultiWOZ dialogs with turns
+    that need FAQ documents beyond the database. Both use this layout.
+
+    Files as for `load_dstc11` (logs, labels beside them, `knowledge.json[.gz]` there or one folder up);
+    DSTC10's extra fields (the ASR `nbest` of its spoken turns) are not read. The knowledge is
+    `knowledge[domain][entity_id]` = {"name", "docs": {doc_id: {"title", "body"}}}, with entity "*" (name
+    null) holding a domain's general documents (taxi, train). Each document is one passage,
+    "title body" (question and answer), titled with the entity's name, or the domain for "*". A label's
+    knowledge snippets are `{"domain", "entity_id", "doc_id"}`; a `doc_type` there, if any, must be "faq".
+    Instances, targets and dialog ids as for DSTC11, with "dstc9/" ids.
+    """
+    return _load_dstc(path, "dstc9", _dstc9_knowledge, last_turns, knowledge_seeking_only)
+
+
+def _load_dstc(
+    path: str | Path,
+    fmt: str,
+    read_knowledge: Callable[[Path], list[Passage]],
+    last_turns: int | None,
+    knowledge_seeking_only: bool,
+) -> Loaded:
+    """The instances of a DSTC logs/labels pair and the passages `read_knowledge` finds; `fmt` ("dstc9"
+    or "dstc11") prefixes the dialog ids and says how gold snippets are named (`_dstc_gold`)."""
     _check_last_turns(last_turns)
-    knowledge_path, logs_path, labels_path = _dstc11_files(Path(path))
-    passages = _dstc11_knowledge(knowledge_path)
+    knowledge_path, logs_path, labels_path = _dstc_files(Path(path))
+    passages = read_knowledge(knowledge_path)
     known = {passage.id for passage in passages}
     logs = _json_list(logs_path)
     labels = _json_list(labels_path)
@@ -144,7 +179,7 @@ def load_dstc11(
         )
     examples = []
     for i, (log, label) in enumerate(zip(logs, labels)):
-        history = _dstc11_history(logs_path, i, log)
+        history = _dstc_history(logs_path, i, log)
         label = _object(labels_path, None, f"[{i}]", label)
         target = _field(labels_path, None, label, "target", bool, f"[{i}].")
         if not target and knowledge_seeking_only:
@@ -153,26 +188,26 @@ def load_dstc11(
         gold_ids: tuple[str, ...] = ()
         if target:
             answers = (_text(labels_path, None, label, "response", f"[{i}]."),)
-            gold_ids = _dstc11_gold(labels_path, i, label, known)
-        dialog = "dstc11/" + _digest(re.sub(r"\W+", "", history[0][1].lower()), 12)
+            gold_ids = _dstc_gold(labels_path, i, label, known, fmt)
+        dialog = f"{fmt}/" + _digest(re.sub(r"\W+", "", history[0][1].lower()), 12)
         examples.append(_example(f"{dialog}#{i}", history, answers, gold_ids, last_turns))
     return examples, passages
 
 
-def _dstc11_files(path: Path) -> tuple[Path, Path, Path]:
+def _dstc_files(path: Path) -> tuple[Path, Path, Path]:
     """(knowledge, logs, labels) for a logs file or a folder holding exactly one."""
     logs = path
     if path.is_dir():
-        found = sorted(p for p in path.iterdir() if _DSTC11_LOGS.match(p.name))
+        found = sorted(p for p in path.iterdir() if _DSTC_LOGS.match(p.name))
         if len(found) != 1:
             names = ", ".join(p.name for p in found) or "none"
-            raise UserError(f"{at(path)}: expected one DSTC11 logs file (logs.json or *_logs.json), found {names}")
+            raise UserError(f"{at(path)}: expected one DSTC logs file (logs.json or *_logs.json), found {names}")
         logs = found[0]
     if not logs.is_file():
         raise UserError(f"{at(logs)}: no such file")
-    match = _DSTC11_LOGS.match(logs.name)
+    match = _DSTC_LOGS.match(logs.name)
     if match is None:
-        raise UserError(f"{at(logs)}: a DSTC11 logs file is named logs.json or *_logs.json (optionally .gz)")
+        raise UserError(f"{at(logs)}: a DSTC logs file is named logs.json or *_logs.json (optionally .gz)")
     labels = logs.with_name(logs.name[: match.end() - len("logs")] + "labels" + logs.name[match.end() :])
     if not labels.is_file():
         raise UserError(f"{at(logs)}: its labels file {labels.name} is not next to it")
@@ -187,29 +222,85 @@ def _dstc11_files(path: Path) -> tuple[Path, Path, Path]:
 def _dstc11_knowledge(path: Path) -> list[Passage]:
     """Passages of `knowledge[domain][entity_id]` = {"name", "reviews": {doc_id: {"sentences": {sent_id:
     text}}}, "faqs": {doc_id: {"question", "answer"}}}, in file order, reviews before FAQs."""
-    doc = _parse_json(path, _read_text(path))
     passages = []
+    for domain, entity_id, entity in _dstc_entities(path, "dstc11"):
+        name = f"{domain}.{entity_id}"
+        title = _text(path, None, entity, "name", name + ".")
+        for doc_id, review in _field(path, None, entity, "reviews", dict, name + ".").items():
+            r_name = f"{name}.reviews.{doc_id}"
+            review = _object(path, None, r_name, review)
+            for sent_id, sentence in _field(path, None, review, "sentences", dict, r_name + ".").items():
+                text = _string(path, None, f"{r_name}.sentences.{sent_id}", sentence)
+                passages.append(Passage(f"{domain}/{entity_id}/review/{doc_id}/{sent_id}", title, text))
+        for doc_id, faq in _field(path, None, entity, "faqs", dict, name + ".").items():
+            f_name = f"{name}.faqs.{doc_id}"
+            faq = _object(path, None, f_name, faq)
+            question = _text(path, None, faq, "question", f_name + ".")
+            answer = _text(path, None, faq, "answer", f_name + ".")
+            passages.append(Passage(f"{domain}/{entity_id}/faq/{doc_id}", title, f"{question} {answer}"))
+    return passages
+
+
+def _dstc9_knowledge(path: Path) -> list[Passage]:
+    """Passages of `knowledge[domain][entity_id]` = {"name", "docs": {doc_id: {"title", "body"}}}, in
+    file order; "name" may be null (entity "*", a domain's general documents): the domain is the title."""
+    passages = []
+    for domain, entity_id, entity in _dstc_entities(path, "dstc9"):
+        name = f"{domain}.{entity_id}"
+        title = _get(path, None, entity, "name", name + ".")
+        if title is None:
+            title = domain
+        elif not isinstance(title, str):
+            raise UserError(f"{at(path, None, name + '.name')}: expected a string or null, got {_type_name(title)}")
+        for doc_id, doc in _field(path, None, entity, "docs", dict, name + ".").items():
+            d_name = f"{name}.docs.{doc_id}"
+            doc = _object(path, None, d_name, doc)
+            question = _text(path, None, doc, "title", d_name + ".")
+            answer = _text(path, None, doc, "body", d_name + ".")
+            passages.append(Passage(f"{domain}/{entity_id}/faq/{doc_id}", title, f"{question} {answer}"))
+    return passages
+
+
+_DSTC_KNOWLEDGE_KEYS = {"dstc11": ("reviews", "faqs"), "dstc9": ("docs",)}
+
+
+def _dstc_entities(path: Path, fmt: str) -> Iterator[tuple[str, str, dict]]:
+    """(domain, entity_id, entity object) for every entity of a DSTC knowledge file, in file order.
+
+    An entity laid out for the other DSTC format is refused with a hint to name that format, instead
+    of a missing-field error about the keys it never had."""
+    doc = _parse_json(path, _read_text(path))
     for domain, entities in _object(path, None, "(top level)", doc).items():
         for entity_id, entity in _object(path, None, domain, entities).items():
             name = f"{domain}.{entity_id}"
             entity = _object(path, None, name, entity)
-            title = _text(path, None, entity, "name", name + ".")
-            for doc_id, review in _field(path, None, entity, "reviews", dict, name + ".").items():
-                r_name = f"{name}.reviews.{doc_id}"
-                review = _object(path, None, r_name, review)
-                for sent_id, sentence in _field(path, None, review, "sentences", dict, r_name + ".").items():
-                    text = _string(path, None, f"{r_name}.sentences.{sent_id}", sentence)
-                    passages.append(Passage(f"{domain}/{entity_id}/review/{doc_id}/{sent_id}", title, text))
-            for doc_id, faq in _field(path, None, entity, "faqs", dict, name + ".").items():
-                f_name = f"{name}.faqs.{doc_id}"
-                faq = _object(path, None, f_name, faq)
-                question = _text(path, None, faq, "question", f_name + ".")
-                answer = _text(path, None, faq, "answer", f_name + ".")
-                passages.append(Passage(f"{domain}/{entity_id}/faq/{doc_id}", title, f"{question} {answer}"))
-    return passages
+            other = _dstc_kind(entity)
+            if other is not None and other != fmt:
+                keys = " and ".join(f"'{key}'" for key in _DSTC_KNOWLEDGE_KEYS[other])
+                raise UserError(f"{at(path, None, name)}: has {keys}, the {other.upper()} knowledge layout; use format '{other}'")
+            yield domain, entity_id, entity
 
 
-def _dstc11_history(path: Path, i: int, log: Any) -> History:
+def _dstc_kind(entity: Any) -> str | None:
+    """The DSTC format an entity's keys say ("docs": dstc9; "faqs" or "reviews": dstc11), or None."""
+    if isinstance(entity, dict):
+        return next((fmt for fmt, keys in _DSTC_KNOWLEDGE_KEYS.items() if any(key in entity for key in keys)), None)
+    return None
+
+
+def _dstc_format(path: Path) -> str:
+    """"dstc9" or "dstc11", from the first entity of the knowledge file that belongs to `path`."""
+    knowledge, _, _ = _dstc_files(path)
+    doc = _parse_json(knowledge, _read_text(knowledge))
+    entities = (e for d in doc.values() if isinstance(d, dict) for e in d.values()) if isinstance(doc, dict) else ()
+    kind = next((k for k in map(_dstc_kind, entities) if k is not None), None)
+    if kind is None:
+        raise UserError(f"{at(knowledge)}: cannot tell DSTC9/10 knowledge (entities with 'docs') from DSTC11 "
+                        "(entities with 'faqs' and 'reviews'); pass the format, 'dstc9' or 'dstc11'")
+    return kind
+
+
+def _dstc_history(path: Path, i: int, log: Any) -> History:
     if not isinstance(log, list):
         raise UserError(f"{at(path, None, f'[{i}]')}: expected a list of turns, got {_type_name(log)}")
     if not log:
@@ -217,22 +308,27 @@ def _dstc11_history(path: Path, i: int, log: Any) -> History:
     return tuple(_turn(path, None, f"[{i}][{j}].", turn) for j, turn in enumerate(log))
 
 
-def _dstc11_gold(path: Path, i: int, label: dict, known: set[str]) -> tuple[str, ...]:
+def _dstc_gold(path: Path, i: int, label: dict, known: set[str], fmt: str) -> tuple[str, ...]:
+    """The passage ids of instance i's knowledge snippets. DSTC11 snippets name their `doc_type`
+    ("faq", or "review" with a `sent_id`); DSTC9/10 snippets are documents, FAQ ids, and carry no type."""
     gold = []
     for j, snippet in enumerate(_field(path, None, label, "knowledge", list, f"[{i}].")):
         prefix = f"[{i}].knowledge[{j}]."
         snippet = _object(path, None, prefix[:-1], snippet)
         domain = _text(path, None, snippet, "domain", prefix)
         entity_id = _id(path, None, prefix + "entity_id", _get(path, None, snippet, "entity_id", prefix))
-        doc_type = _text(path, None, snippet, "doc_type", prefix)
+        doc_type = _text(path, None, snippet, "doc_type", prefix) if fmt == "dstc11" or "doc_type" in snippet else "faq"
         doc_id = _id(path, None, prefix + "doc_id", _get(path, None, snippet, "doc_id", prefix))
         if doc_type == "faq":
             snippet_id = f"{domain}/{entity_id}/faq/{doc_id}"
-        elif doc_type == "review":
+        elif doc_type == "review" and fmt == "dstc11":
             sent_id = _id(path, None, prefix + "sent_id", _get(path, None, snippet, "sent_id", prefix))
             snippet_id = f"{domain}/{entity_id}/review/{doc_id}/{sent_id}"
-        else:
+        elif fmt == "dstc11":
             raise UserError(f"{at(path, None, prefix + 'doc_type')}: expected 'review' or 'faq', got {doc_type!r}")
+        else:
+            raise UserError(f"{at(path, None, prefix + 'doc_type')}: expected 'faq' (DSTC9/10 knowledge holds FAQ "
+                            f"documents only; reviews are DSTC11's), got {doc_type!r}")
         if snippet_id not in known:
             raise UserError(f"{at(path, None, prefix[:-1])}: {snippet_id} is not in the knowledge file")
         gold.append(snippet_id)
@@ -394,6 +490,7 @@ def _doqa_answers(path: Path, q_name: str, qa: dict) -> tuple[str, ...]:
 
 
 FORMATS: dict[str, Callable[..., Loaded]] = {
+    "dstc9": load_dstc9,
     "dstc11": load_dstc11,
     "mtrag": load_mtrag,
     "orquac": load_orquac,
@@ -420,8 +517,8 @@ def _check_last_turns(last_turns: int | None) -> None:
 
 
 def _detect_format(path: Path) -> str:
-    if path.is_dir() or _DSTC11_LOGS.match(path.name):
-        return "dstc11"
+    if path.is_dir() or _DSTC_LOGS.match(path.name):
+        return _dstc_format(path)
     text = _read_text(path)
     first = next((line for line in text.splitlines() if line.strip()), "")
     try:
@@ -441,7 +538,7 @@ def _detect_format(path: Path) -> str:
         if "data" in record:
             return "doqa"
     raise UserError(
-        f"{at(path)}: cannot tell the dialog format (a DSTC11 folder or logs file, MTRAG-UN or OR-QuAC "
+        f"{at(path)}: cannot tell the dialog format (a DSTC9/10/11 folder or logs file, MTRAG-UN or OR-QuAC "
         f"JSON Lines, DoQA JSON); pass it explicitly, one of: {', '.join(FORMATS)}"
     )
 

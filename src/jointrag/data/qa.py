@@ -10,6 +10,13 @@ by every command like QA data.
 
 Answers are deduplicated with their order kept, in every format: duplicates carry no information for
 max-over-answers metrics and SQuAD repeats the same span once per annotator.
+
+A question with no answers is unanswerable (`metrics` scores abstaining on it; training skips it,
+having no target). Only an explicit mark makes one, so that a lost answer is still an error: in JSON
+Lines `"answers": []`, where blank answers are dropped (ClapNQ gives its unanswerable questions the
+answer "", so `[""]` is unanswerable too), and in SQuAD a question with `"is_impossible": true` (SQuAD
+2.0). NQ-open's `answer` and DPR's `answers` must not be empty: those sets have no unanswerable
+questions.
 """
 
 from __future__ import annotations
@@ -197,7 +204,8 @@ def _reject_json_document(path: Path, text: str) -> None:
 def _jsonl_example(path: Path, line: int, record: dict) -> Example:
     question = _question(path, line, record, "question")
     if "answers" in record:
-        answers = _strings(path, line, "answers", record["answers"])
+        answers = _strings(path, line, "answers", record["answers"], allow_empty=True)
+        answers = tuple(answer for answer in answers if answer.strip())  # none: unanswerable
     elif "answer" in record:  # NQ-open spells it "answer", as a list (some files use one string)
         answers = _strings(path, line, "answer", record["answer"], allow_str=True)
     else:
@@ -267,9 +275,9 @@ def _squad_answers(path: Path, q_name: str, qa: dict) -> tuple[str, ...]:
     for a, answer in enumerate(_field(path, None, qa, "answers", list, q_name + ".")):
         a_name = f"{q_name}.answers[{a}]"
         texts.append(_field(path, None, _object(path, None, a_name, answer), "text", str, a_name + "."))
-    if not texts:
+    if not texts and qa.get("is_impossible") is not True:
         where = at(path, None, q_name + ".answers")
-        raise UserError(f"{where}: empty list; answers are needed to evaluate")
+        raise UserError(f"{where}: empty list; answers are needed to evaluate (mark an unanswerable question \"is_impossible\": true)")
     return tuple(dict.fromkeys(texts))
 
 
@@ -360,7 +368,8 @@ def _strings(
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise UserError(f"{at(path, line, name)}: expected a list of strings, got {_describe(value)}")
     if not value and not allow_empty:
-        raise UserError(f"{at(path, line, name)}: empty list; answers are needed to evaluate")
+        hint = " (an unanswerable question has \"answers\": [] in JSON Lines)" if name == "answer" else ""
+        raise UserError(f"{at(path, line, name)}: empty list; answers are needed to evaluate{hint}")
     return tuple(dict.fromkeys(value))
 
 

@@ -508,14 +508,21 @@ def bridge_answers(
 
 def score_bridged(examples: Sequence[Example], result: Bridged) -> tuple[list[dict], dict]:
     """Predictions (one dict per example: the answer, the passages passed and their scores) and
-    aggregate metrics: EM and F1 (percent, SQuAD normalisation) and the mean number of passages passed."""
+    aggregate metrics: EM, F1 (percent, SQuAD normalisation) and ROUGE-L, the mean number of passages
+    passed, and for a set with unanswerable examples their count and the abstention scores (as
+    `evaluation.evaluate.aggregate`)."""
     predictions = [
         {"id": e.id, "question": e.question, "answers": list(e.answers), "prediction": answer,
-         "passages": [p.id for p in chosen], "em": qa.exact_match(answer, e.answers), "f1": qa.token_f1(answer, e.answers)}
+         "passages": [p.id for p in chosen], "em": qa.exact_match(answer, e.answers), "f1": qa.token_f1(answer, e.answers),
+         "rouge_l": qa.rouge_l(answer, e.answers)}
         for e, answer, chosen in zip(examples, result.answers, result.chosen)
     ]
-    metrics = {"examples": len(examples), "em": 100 * qa.mean(p["em"] for p in predictions),
-               "f1": 100 * qa.mean(p["f1"] for p in predictions), "passages": qa.mean(len(p["passages"]) for p in predictions)}
+    metrics = {"examples": len(examples), **{name: 100 * qa.mean(p[name] for p in predictions) for name in ("em", "f1", "rouge_l")},
+               "passages": qa.mean(len(p["passages"]) for p in predictions)}
+    unanswerable = sum(not e.answers for e in examples)
+    if unanswerable:
+        scores = qa.abstention(result.answers, [e.answers for e in examples])
+        metrics.update({"unanswerable": unanswerable, **{f"abstain_{name}": 100 * getattr(scores, name) for name in scores._fields}})
     return predictions, {key: round(value, 2) if isinstance(value, float) else value for key, value in metrics.items()}
 
 

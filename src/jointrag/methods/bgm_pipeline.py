@@ -9,7 +9,7 @@ plain retrieval.
   `jointrag eval/ask --checkpoint`);
 then answers the test split with the frozen LLM given the top-1 passage, the top `eval.k` passages,
 the passages the SL bridge chooses from the top `eval.k`, and those the SL + PPO bridge chooses. EM,
-F1 and the mean number of passages passed go to RUN/comparison/table.{json,md,png}, beside each row's
+F1, ROUGE-L and the mean number of passages passed go to RUN/comparison/table.{json,md,png}, beside each row's
 predictions. A stage that already reached `train.steps` is not trained again, so `--resume` continues an
 interrupted pipeline.
 """
