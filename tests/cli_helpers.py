@@ -108,7 +108,10 @@ def assert_same_trajectory(straight: Path, resumed: Path) -> None:
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-6, atol=1e-7, msg=name)
     expected, got = losses_by_step(straight), losses_by_step(resumed)
-    assert sorted(got) == [1, 2, 3, 4]
+    assert [r["step"] for r in train_lines(resumed)] == [1, 2, 3, 4]  # each step logged once
+    evals = [r["step"] for r in read_metrics(resumed) if r["split"] == "eval"]
+    assert evals == sorted(set(evals))
+    assert len(list((resumed / "tensorboard").iterdir())) == 1  # one event file, rebuilt from the kept rows
     assert [got[s] for s in (3, 4)] == pytest.approx([expected[s] for s in (3, 4)], rel=1e-6, abs=1e-7)
     assert torch.load(resumed / "checkpoint" / "trainer.pt", weights_only=False)["step"] == 4
 

@@ -77,7 +77,7 @@ def test_index_prints_a_summary(capsys, files, encoder, tmp_path):
 def test_retrieve_json(capsys, index_dir):
     code, out, _ = run(capsys, "retrieve", "--index", index_dir, "-k", "3", "What is the capital of France?", "--json")
     assert code == 0
-    result = json.loads(out)
+    [result] = json.loads(out)  # a list for one question too
     assert result["question"] == "What is the capital of France?"
     passages = result["passages"]
     assert [p["rank"] for p in passages] == [1, 2, 3]
@@ -110,7 +110,7 @@ def test_bm25_index(capsys, files, tmp_path):
     assert json.loads((out_dir / "manifest.json").read_text())["encoder"] is None
     code, out, _ = run(capsys, "retrieve", "--index", out_dir, "-k", "2", "Denver Broncos", "--json")
     assert code == 0
-    assert json.loads(out)["passages"][0]["id"] == "p6"
+    assert json.loads(out)[0]["passages"][0]["id"] == "p6"
     code, out, _ = run(capsys, "eval", "--index", out_dir, "--data", files["qa"], "--retrieval-only", "-k", "2", "--out", tmp_path / "run", "--json")
     assert code == 0 and json.loads(out)["answer_recall@1"] > 0
 
@@ -132,7 +132,7 @@ def test_ask(capsys, index_dir, tiny_dir, generator):
     argv = ["ask", "--index", index_dir, "--generator", tiny_dir / generator, "-k", "3", "--contexts", "2", "--max-new-tokens", "3", "What is the capital of France?"]
     code, out, _ = run(capsys, *argv, "--json")
     assert code == 0
-    result = json.loads(out)
+    [result] = json.loads(out)  # a list for one question too
     assert result["question"] == "What is the capital of France?"
     assert isinstance(result["answer"], str) and "\n" not in result["answer"]
     assert [p["used"] for p in result["passages"]] == [True, True, False]

@@ -96,7 +96,7 @@ def test_only_rank_0_writes(runs):
     assert sum(r["split"] == "eval" for r in read_metrics(runs["two"])) == 1
     assert runs["stdout"].count("wrote ") == 1
     assert not list(runs["two"].parent.glob("*.tmp")) and sorted(p.name for p in runs["two"].iterdir()) == [
-        "checkpoint", "config.yaml", "index", "metrics.jsonl", "plots", "tensorboard"]
+        ".jointrag.lock", "checkpoint", "config.yaml", "index", "metrics.jsonl", "plots", "tensorboard"]  # rank 0's lock of --out
 
 
 def test_a_two_rank_checkpoint_resumes_in_one_process_on_the_same_trajectory(setup, runs, tmp_path):

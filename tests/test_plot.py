@@ -131,23 +131,25 @@ def test_identical_series_both_stay_visible(tmp_path):
 
 
 def test_titles_name_the_run_and_the_dev_set(tmp_path):
-    run = write_run(tmp_path / "vrag-squad", training_log(20))
+    rows = [{**row, "examples": 30} if row["split"] == "eval" else row for row in training_log(20)]
+    run = write_run(tmp_path / "vrag-squad", rows)
     (run / "config.yaml").write_text("eval:\n  limit: 30\n")
     made = figures(run)
     for name in ("eval.png", "recall.png"):
         assert made[name].get_suptitle() == "run vrag-squad\ndev: embedded SQuAD dev split (30 questions)"
     for name in ("loss.png", "train_extra.png"):  # train metrics only
         assert made[name].get_suptitle() == "run vrag-squad"
+    assert "examples" not in str([ax.get_legend_handles_labels()[1] for ax in made["eval.png"].axes])  # a count, not a curve
 
 
 def test_titles_name_a_dev_file_and_its_size(tmp_path):
     dev = tmp_path / "my_dev.jsonl"
-    dev.write_text("".join(json.dumps({"question": f"q{i}?", "answers": ["a"]}) + "\n" for i in range(3)))
-    run = write_run(tmp_path / "run", training_log(10))
+    run = write_run(tmp_path / "run", [{**row, "examples": 3} if row["split"] == "eval" else row for row in training_log(10)])
     (run / "config.yaml").write_text(f"data:\n  train: {dev}\n  dev: {dev}\n")
     assert figures(run)["eval.png"].get_suptitle() == "run run\ndev: my_dev.jsonl (3 questions)"
-    dev.unlink()  # the run directory outlived its dev file: the size is not known, only eval.limit
-    assert figures(run)["eval.png"].get_suptitle() == "run run\ndev: my_dev.jsonl (up to 100 questions)"
+    run = write_run(tmp_path / "older", training_log(10))  # a log from before eval rows held their size: eval.limit
+    (run / "config.yaml").write_text(f"data:\n  train: {dev}\n  dev: {dev}\n")
+    assert figures(run)["eval.png"].get_suptitle() == "run older\ndev: my_dev.jsonl (up to 100 questions)"
 
 
 def test_titles_without_a_config(tmp_path):

@@ -68,7 +68,8 @@ def test_tiny_run(capsys, files, index_dir, tiny_dir, tmp_path, variant):
     code, stdout, err = run(capsys, *argv, "--json")
     assert code == 0, err
     final = json.loads(stdout)
-    assert {"em", "f1"} <= final.keys()
+    assert {"em", "f1", "examples"} <= final.keys()
+    assert (final["data"], final["index"], final["checkpoint"]) == (f"dev: {files['qa']}", index_dir, str(out / "checkpoint"))
     train = assert_complete_run(out, 2)
     check_method_lines(method, train)
     weights = weights_of(out)  # the trained parameters only
@@ -171,14 +172,15 @@ def test_resume_extends_a_finished_run_on_the_same_trajectory(files, index_dir, 
 
 
 def test_resume_after_an_interruption_on_the_same_trajectory(files, index_dir, tiny_dir, tmp_path):
-    """A 4-step run (linear schedule, a checkpoint every 2 steps) interrupted in step 3, then resumed,
-    equals 4 steps straight: the optimiser and scheduler states come back too."""
+    """A 4-step run (linear schedule, a checkpoint every 2 steps) interrupted in step 4, then resumed,
+    equals 4 steps straight: the optimiser and scheduler states come back too, and the log drops step 3,
+    logged after the checkpoint, before the resumed run logs it again."""
     from jointrag.methods.jsa import JSA
 
     settings = ("train.save_every=2", "train.warmup_steps=1")
     assert_resumes_on_the_same_trajectory(
         tmp_path, lambda out, steps: train_argv(files, index_dir, tiny_dir, out, "jsa", steps, *settings),
-        interrupt=(JSA, 3), saved_step=2,
+        interrupt=(JSA, 4), saved_step=2,
     )
 
 
@@ -216,6 +218,39 @@ def test_resume_without_a_checkpoint(capsys, files, index_dir, tiny_dir, tmp_pat
     argv = train_argv(files, index_dir, tiny_dir, out, "jsa", 2)
     assert_user_error(capsys, *argv, "--resume", names=("--resume", str(out)))
     assert not (out / "checkpoint").exists()
+
+
+def test_a_fresh_run_starts_a_fresh_log(files, index_dir, tiny_dir, tmp_path):
+    """A run killed before its first checkpoint leaves a log (its last line cut short) and TensorBoard
+    events; a new run into that directory must not append to them."""
+    out = tmp_path / "run"
+    (out / "tensorboard").mkdir(parents=True)
+    (out / "tensorboard" / "events.out.tfevents.killed").write_bytes(b"old")
+    (out / "metrics.jsonl").write_text('{"step": 7, "split": "train", "loss": 9.0}\n{"step": 8, "spl')
+    assert main(train_argv(files, index_dir, tiny_dir, out, "rag-sequence", 2)) == 0
+    assert [r["step"] for r in read_metrics(out) if r["split"] == "train"] == [1, 2]
+    assert [p.name for p in (out / "tensorboard").iterdir()] != ["events.out.tfevents.killed"]
+    assert len(list((out / "tensorboard").iterdir())) == 1
+
+
+def test_a_non_finite_loss_stops_with_one_line_and_keeps_the_steps_done(capsys, files, index_dir, tiny_dir, tmp_path, monkeypatch):
+    """The loss turns NaN in step 3 of a run that logs every 4 steps: one error line naming the step,
+    and the log keeps the means of steps 1-2 rather than nothing."""
+    from jointrag.methods.rag import RagSequence
+
+    original, calls = RagSequence.__call__, []
+
+    def poisoned(self, system, batch):
+        output = original(self, system, batch)
+        calls.append(1)
+        return output if len(calls) < 3 else type(output)(output.loss * float("nan"), output.metrics)
+
+    monkeypatch.setattr(RagSequence, "__call__", poisoned)
+    out = tmp_path / "run"
+    argv = train_argv(files, index_dir, tiny_dir, out, "rag-sequence", 4, "train.log_every=4")
+    assert_user_error(capsys, *argv, names=("step 3", "nan"))
+    rows = [r for r in read_metrics(out) if r["split"] == "train"]
+    assert [r["step"] for r in rows] == [2] and np.isfinite(rows[0]["loss"])
 
 
 # --- 4. configuration errors ----------------------------------------------------------------------
@@ -374,6 +409,32 @@ def test_eval_with_a_checkpoint(capsys, jsa_run, files, index_dir, tmp_path, dec
     assert all(0 <= metrics[key] <= 100 for key in ("em", "f1", "answer_recall@3"))
     predictions = (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()
     assert len(predictions) == len(QA) and all(isinstance(json.loads(p)["prediction"], str) for p in predictions)
+
+
+def test_retrieval_only_eval_of_a_checkpoint_does_not_load_the_generator(capsys, jsa_run, index_dir, files, tmp_path, monkeypatch):
+    """`eval --checkpoint --retrieval-only` searches with the trained query tower, as the whole loaded
+    checkpoint does, without loading (de-quantising) the generator."""
+    from jointrag.methods import systems
+    from jointrag.retrieval.resolve import resolve_index
+    from jointrag.train import load_trained, load_trained_index
+
+    questions = [row["question"] for row in QA]
+    expected = load_trained(jsa_run / "checkpoint")[1].index.search(questions, 3)
+    untrained = resolve_index(index_dir).search(questions, 3)[0]
+
+    def no_generator(*args, **kwargs):
+        raise AssertionError("the generator was loaded")
+
+    monkeypatch.setattr(systems, "load_generator", no_generator)
+    index = load_trained_index(jsa_run / "checkpoint")[1]
+    scores, rows = index.search(questions, 3)
+    np.testing.assert_array_equal(rows, expected[1])
+    np.testing.assert_allclose(scores, expected[0], rtol=1e-5)
+    assert not np.allclose(scores, untrained)  # the trained query tower, not the base one
+    code, out, err = run(capsys, "eval", "--checkpoint", jsa_run / "checkpoint", "--data", files["qa"], "-k", "3",
+                         "--retrieval-only", "--out", tmp_path / "eval", "--json")
+    assert code == 0, err
+    assert "em" not in json.loads(out) and "gold_recall@3" in json.loads(out)
 
 
 def test_ask_with_a_checkpoint(capsys, jsa_run):

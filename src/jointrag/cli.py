@@ -1,4 +1,4 @@
-"""The `jointrag` command line: index, retrieve, ask, eval, train, plot, variance, dialog-data.
+"""The `jointrag` command line: index, retrieve, ask, eval, train, plot, compare, variance, dialog-data.
 
 Every subcommand has defaults that run on the embedded dataset (SQuAD v1.1 dev part) with the
 default models, so `jointrag eval` alone builds the default index if needed and evaluates the test
@@ -88,7 +88,7 @@ def cmd_retrieve(args) -> None:
         for q, r in zip(args.question, results)
     ]
     if args.json:
-        print(json.dumps(rows if len(rows) > 1 else rows[0], ensure_ascii=False))
+        print(json.dumps(rows, ensure_ascii=False))  # a list, one entry per question, however many
         return
     for row in rows:
         print(f"Q: {row['question']}")
@@ -103,6 +103,11 @@ def answering(args, with_generator: bool = True):
     from .generation.generator import load_generator, load_template
 
     decoder, tau = args.decode or "top1", args.tau or 0.1
+    if args.checkpoint and not with_generator:  # retrieval only: the trained retriever, not the generator
+        from .train import load_trained_index
+
+        config, index = load_trained_index(args.checkpoint)
+        return index, None, None, args.decode or config.eval.decode, args.tau or config.method.tau, None
     if args.checkpoint:
         from .methods.bgm_bridge import BridgeSystem
         from .train import load_trained
@@ -112,7 +117,7 @@ def answering(args, with_generator: bool = True):
         bridged = system if isinstance(system, BridgeSystem) else None
         if bridged is not None and args.decode:
             raise UserError(f"--decode: {args.checkpoint} is a BGM checkpoint; its bridge chooses the passages")
-        generator = system.generator if with_generator else None
+        generator = system.generator
         decoder = "bridge" if bridged is not None else args.decode or config.eval.decode
         return system.index, generator, system.template, decoder, args.tau or config.method.tau, bridged
     generator = load_generator(args.generator, chat=args.chat, precision=args.precision) if with_generator else None
@@ -158,8 +163,7 @@ def checkpoint_training_data(checkpoint: str | None) -> str | None:
 
 def cmd_eval(args) -> None:
     from .data.qa import embedded_examples, load_examples
-    from .io import write_jsonl
-    from .evaluation.evaluate import evaluate
+    from .io import exclusive
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -173,6 +177,16 @@ def cmd_eval(args) -> None:
     examples = load_examples(args.data, args.data_format) if args.data else embedded_examples(args.split)
     if args.limit:
         examples = examples[: args.limit]
+    if not examples:
+        raise UserError(f"{args.data or f'the embedded {args.split} split'}: no questions to evaluate")
+    with exclusive(out):  # a second eval into this --out is refused, not interleaved
+        evaluate_into(args, examples, out)
+
+
+def evaluate_into(args, examples, out: Path) -> None:
+    from .evaluation.evaluate import evaluate
+    from .io import write_json, write_jsonl
+
     index, generator, template, decoder, tau, bridged = answering(args, with_generator=not args.retrieval_only)
     if bridged is not None and generator is not None:
         from .methods.bgm_bridge import bridge_answers, score_bridged
@@ -185,10 +199,9 @@ def cmd_eval(args) -> None:
             index, generator, examples, k=args.k, contexts=args.contexts, template=template, batch_size=args.batch_size,
             max_new_tokens=args.max_new_tokens, num_beams=args.beams, decoder=decoder, tau=tau,
         )
-    out.mkdir(parents=True, exist_ok=True)
     write_jsonl(out / "predictions.jsonl", predictions)
     metrics = {"data": args.data or f"embedded:{args.split}", "index": str(index.directory), "checkpoint": args.checkpoint, "decode": decoder, **metrics}
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_json(out / "metrics.json", metrics)
     if args.json:
         print(json.dumps(metrics))
     else:
@@ -235,6 +248,21 @@ def cmd_plot(args) -> None:
         print(path)
 
 
+def cmd_compare(args) -> None:
+    from .evaluation.compare import compare, format_report, plot_report
+    from .io import names
+
+    report = compare(args.runs, reference=args.reference, metrics=names(args.metrics) if args.metrics else None,
+                     resamples=args.resamples, seed=args.seed)
+    report["plot"] = str(plot_report(report, args.plot)) if args.plot else None
+    if args.json:
+        print(json.dumps(report))
+        return
+    print(format_report(report))
+    if args.plot:
+        print(f"\nwrote {args.plot}")
+
+
 def cmd_train(args) -> None:
     from .config import describe, load_config
 
@@ -258,9 +286,13 @@ def cmd_train(args) -> None:
     metrics = train(config, resume=args.resume)
     if not is_main():  # under torchrun, rank 0 reports
         return
+    pipeline = method(config.method.name).pipeline is not None
+    if not pipeline:  # the fields eval --json has: what was evaluated, with what
+        metrics = {"data": f"dev: {config.data.dev or 'embedded'}", "index": config.model.index or "default",
+                   "checkpoint": str(Path(config.out) / "checkpoint"), "decode": config.eval.decode, **metrics}
     if args.json:
         print(json.dumps(metrics))
-    elif method(config.method.name).pipeline is not None:
+    elif pipeline:
         from .train.pipeline import format_table
 
         print(format_table(metrics))
@@ -294,7 +326,9 @@ def add_index_options(parser: argparse.ArgumentParser) -> None:
 def add_generation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--generator", help="hub id, directory or .gguf file (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--contexts", type=non_negative_int, default=1, help="top passages put in the prompt (default 1)")
-    parser.add_argument("--max-new-tokens", type=positive_int, default=16)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=16,
+                        help="answer length limit in tokens (default 16, for short answers); eval notes on stderr when the median "
+                             "reference answer has more words than this (long-form QA such as ClapNQ): raise it there")
     parser.add_argument("--beams", type=positive_int, default=1, help="beam size; 1 is greedy")
     parser.add_argument("--template", help="YAML file with the prompt: template, passage_template, separator (default: a two-shot QA prompt)")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the generator's chat template")
@@ -363,8 +397,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_train)
 
     p = commands.add_parser("dialog-data", help="convert a dialog set into train/test JSONL split by dialog and a corpus JSONL")
-    p.add_argument("--input", required=True, help="DSTC11 track 5 folder or logs file, MTRAG-UN or OR-QuAC JSON Lines, DoQA JSON")
-    p.add_argument("--format", choices=["dstc11", "mtrag", "orquac", "doqa"], help="dialog format (default: detected)")
+    p.add_argument("--input", required=True, help="DSTC9/DSTC10 track 2 or DSTC11 track 5 folder or logs file (knowledge.json beside it "
+                                                  "or one folder up), MTRAG-UN or OR-QuAC JSON Lines, DoQA JSON")
+    p.add_argument("--format", choices=["dstc9", "dstc11", "mtrag", "orquac", "doqa"],
+                   help="dialog format; dstc9 also reads DSTC10 track 2 (default: detected, DSTC9/10 or DSTC11 from knowledge.json)")
     p.add_argument("--out", required=True, help="directory for train.jsonl, test.jsonl and corpus.jsonl")
     p.add_argument("--test-fraction", type=float, default=0.2, help="share of the dialogs held out for test (default 0.2)")
     p.add_argument("--seed", type=int, default=0, help="seed of the dialog shuffle (default 0)")
@@ -374,6 +410,18 @@ def make_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("plot", help="draw a training run's metrics.jsonl as PNGs in RUN_DIR/plots")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.set_defaults(run=cmd_plot)
+
+    p = commands.add_parser("compare", help="paired comparison of evaluated runs on the same questions: wins/ties/losses, "
+                                            "sign test, bootstrap interval, mean ± std over seeds")
+    p.add_argument("runs", nargs="+", metavar="[NAME=]PATH[,PATH...]",
+                   help="an eval --out directory or a predictions .jsonl; NAME=PATH,PATH,... groups the seeds of one method")
+    p.add_argument("--reference", metavar="NAME", help="the group the others are compared against (default: the first)")
+    p.add_argument("--metrics", help="comma-separated, e.g. em,f1,gold_recall@5 (default: em, f1, rouge_l and gold_recall@k "
+                                     "where scored, answer_recall@k where no gold passages are known)")
+    p.add_argument("--resamples", type=positive_int, default=10_000, help="bootstrap resamples (default 10000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default 0)")
+    p.add_argument("--plot", metavar="FILE", help="also draw each difference with its interval in this PNG")
+    p.set_defaults(run=cmd_compare)
 
     p = commands.add_parser("variance", help="variance of each method's retriever gradient (RAG, VRAG, JSA) on one model state")
     p.add_argument("--config", help="YAML recipe giving the models and method options (default: the default models)")

@@ -9,6 +9,7 @@ plain constructor arguments.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,6 +90,9 @@ class TrainConfig:
                                "(FSDP) instead of replicating them (DDP); for generators that do not fit one device")
     dist_timeout: int = _field(3600, "under torchrun: seconds a rank waits for the others (rank 0 evaluates and rebuilds "
                                      "the index alone) before the run fails")
+
+
+EMBEDDED = "embedded"  # data.dev / data.test: the embedded split, said on purpose
 
 
 @dataclass
@@ -204,9 +208,12 @@ POSITIVE = {"method.k", "method.tau", "method.proposals", "train.steps", "train.
             "model.max_prompt_tokens", "model.lora_r", "method.lm_k", "method.lm_tau", "method.corpus_words",
             "bgm.max_passages", "bgm.max_new_tokens", "bgm.lora_r", "bgm.max_len", "bgm.answer_tokens", "bgm.clip",
             "bgm.epochs", "bgm.temperature", "invar.max_length", "invar.lora_r", "invar.negatives", "invar.tau", "invar.teacher_tau",
-            "invar.window"}
-AT_LEAST = {"bgm.samples": 2, "bgm.beta": 0, "invar.w_contrastive": 0, "invar.w_align": 0, "invar.w_invariance": 0}
-FRACTION = {"method.corpus_ratio", "invar.word_drop"}  # in [0, 1)
+            "invar.window", "model.lora_alpha", "bgm.lora_alpha", "invar.lora_alpha", "train.dist_timeout"}
+AT_LEAST = {"bgm.samples": 2, "bgm.beta": 0, "invar.w_contrastive": 0, "invar.w_align": 0, "invar.w_invariance": 0,
+            "method.beta": 0, "train.lr_generator": 0, "train.lr_retriever": 0, "train.lr_bridge": 0, "train.weight_decay": 0,
+            "train.max_grad_norm": 0, "train.warmup_steps": 0, "train.seed": 0, "train.eval_every": 0, "train.save_every": 0,
+            "eval.limit": 0, "eval.test_limit": 0, "model.staleness_probe": 0}
+FRACTION = {"method.corpus_ratio", "invar.word_drop", "model.lora_dropout"}  # in [0, 1)
 AT_MOST = {"invar.window": 1}  # and positive
 LISTS = {"bgm.metrics": ("em", "f1", "rouge_l", "bleu1", "bleu4")}  # comma-separated, at least one
 
@@ -246,6 +253,8 @@ def _set(config, dotted: str, value, where: str) -> None:
         known = ", ".join(f.name for f in dataclasses.fields(target) if not dataclasses.is_dataclass(getattr(target, f.name)))
         raise UserError(f"{where}: unknown key '{dotted}' (known here: {known})")
     value = _coerce(value, hints[leaf], f"{where}: '{dotted}'")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"{where}: '{dotted}' must be a finite number, not {value!r}")
     if dotted == "method.name" and value not in METHODS:  # the registry as it is now (a test may add a method)
         raise UserError(f"{where}: 'method.name' must be one of {', '.join(METHODS)}, not {value!r}")
     if dotted in CHOICES and value not in CHOICES[dotted]:

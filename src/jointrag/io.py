@@ -9,9 +9,12 @@ lists, tuples, dicts) and refuses everything else.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import glob
 import json
 import os
+import shutil
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -75,10 +78,88 @@ def read_tensors(path: str | Path) -> Any:
         raise UserError(f"{path}: unreadable, truncated or not a tensor file ({str(error).strip().splitlines()[0]})") from None
 
 
+@contextlib.contextmanager
+def atomic_text(path: str | Path):
+    """An open text file that replaces `path` only once it is whole: written to a temporary file then
+    renamed, so a reader (or a killed writer) never sees half a file and the old one stays until then."""
+    path = Path(path)
+    remove_abandoned(path.parent, f".{path.name}.tmp-")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            yield f
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_jsonl(path: str | Path, records: Iterable[dict]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
+    with atomic_text(path) as f:
         for record in records:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def write_json(path: str | Path, value: Any) -> None:
+    with atomic_text(path) as f:
+        f.write(json.dumps(value, indent=2))
+
+
+def remove_abandoned(directory: Path, prefix: str) -> None:
+    """Remove the `prefix<PID>` files and directories in `directory` whose process no longer runs: the
+    temporaries of a killed build or write (a running one's are left alone)."""
+    for entry in directory.glob(f"{glob.escape(prefix)}*"):
+        pid = entry.name[len(prefix):]
+        if pid.isdigit() and not process_runs(int(pid)):
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+
+
+def process_runs(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
+LOCK = ".jointrag.lock"
+
+
+@contextlib.contextmanager
+def exclusive(directory: str | Path, what: str = "--out"):
+    """Hold `directory` (created if missing) for one writer: a second jointrag process writing into it
+    is refused at once, naming the holder's pid. The lock is the kernel's (`flock`), so a killed holder
+    releases it. A directory this call created is removed again if the work fails before writing in it."""
+    import fcntl
+
+    directory = Path(directory)
+    created = not directory.exists()
+    directory.mkdir(parents=True, exist_ok=True)
+    handle = open(directory / LOCK, "a+")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise UserError(f"{what} {directory}: another jointrag process (pid {holder}) is writing there; "
+                            "wait for it to finish or choose another directory") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        try:
+            yield directory
+        except BaseException:
+            if created and {p.name for p in directory.iterdir()} <= {LOCK}:
+                shutil.rmtree(directory, ignore_errors=True)
+            raise
+    finally:
+        handle.close()
 
 
 def read_cache(path: Path, header: dict, remedy: str) -> Iterator[tuple[int, dict]]:
@@ -105,12 +186,10 @@ def write_cache(path: Path, header: dict, records: dict[str, dict]) -> None:
     """`header` on the first line, then `{"id": key, **record}` a line, written atomically (a temporary
     file renamed over the old one), so a failed run leaves the previous file intact."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_text(path) as f:
         f.write(json.dumps(header) + "\n")
         for key, record in records.items():
             f.write(json.dumps({"id": key, **record}, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
 def load_fields(path: str, cls, placeholders: dict, required: tuple[str, ...] = ()):

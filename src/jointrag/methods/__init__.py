@@ -72,15 +72,16 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            bridge_system),
     Method("invar-rag", "Invar-RAG: the retrieval stage, the generation stage, then their table", system=invar_system,
            pipeline=lambda c, s: invar_pipeline.run(c, s, ("invar-retrieval", "invar-generation")),
-           outputs=invar_pipeline.OUTPUTS),
+           outputs=invar_pipeline.OUTPUTS, separate_retriever=False),
     Method("invar-retrieval", "Invar-RAG retrieval stage: InfoNCE, alignment and invariance losses on the LLM retriever",
            InvarRetrieval,
            lambda c: {"teacher": c.invar.teacher, "negatives": c.invar.negatives, "tau": c.invar.tau,
                       "teacher_tau": c.invar.teacher_tau, "w_contrastive": c.invar.w_contrastive, "w_align": c.invar.w_align,
                       "w_invariance": c.invar.w_invariance, "word_drop": c.invar.word_drop, "rewrites": c.invar.rewrites,
                       "window": c.invar.window},
-           invar_system),
-    Method("invar-generation", "Invar-RAG generation stage: LM-ft on the generation adapter", LMFinetune, _lm_ft, invar_system),
+           invar_system, separate_retriever=False),
+    Method("invar-generation", "Invar-RAG generation stage: LM-ft on the generation adapter", LMFinetune, _lm_ft, invar_system,
+           separate_retriever=False),
 )}
 
 

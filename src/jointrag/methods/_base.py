@@ -105,7 +105,9 @@ class Method:
     - `pipeline(config, stages) -> {row: metrics}`: a multi-stage method; `outputs` names what it writes;
     - `variance`: its rows in `jointrag variance`, (label, {dotted config key: value});
     - `corpus_examples`: `method.corpus_ratio` may mix corpus-derived examples into its training data
-      (their source passage is excluded from retrieval, which only such a method honours).
+      (their source passage is excluded from retrieval, which only such a method honours);
+    - `separate_retriever`: its retriever does not run on its generator, so a checkpoint's retrieval
+      loads without the generator (`eval --retrieval-only`); Invar-RAG's runs on the LLM's body.
     """
 
     name: str
@@ -119,6 +121,7 @@ class Method:
     outputs: str = ""
     variance: tuple[tuple[str, dict], ...] = ()
     corpus_examples: bool = False
+    separate_retriever: bool = True
 
     def build(self, config: Any) -> Objective:
         """The objective, given only the options it reads."""

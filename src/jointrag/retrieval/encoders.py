@@ -21,7 +21,7 @@ from torch import nn
 
 from ..errors import UserError, local_path
 from ..runtime import autocast
-from ..models import DEFAULT_GENERATOR, DEFAULT_RETRIEVER, default_generator_path, default_retriever_path
+from ..models import DEFAULT_GENERATOR, DEFAULT_RETRIEVER, default_generator_path, default_retriever_path, load_errors
 from ..types import Passage
 
 POOLINGS = ("mean", "cls", "last")
@@ -199,7 +199,7 @@ def load_encoder(
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, **extra)
         model = AutoModel.from_pretrained(location, dtype=torch.float32, **extra)
-    except (OSError, ValueError) as error:
+    except load_errors() as error:
         raise UserError(f"cannot load retriever '{name}': {' '.join(str(error).split())}") from None
     llm = is_decoder_only(model.config)
     if llm and tokenizer.pad_token_id is None:

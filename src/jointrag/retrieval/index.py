@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..data.corpus import ARROW_NAME, Corpus
 from ..errors import UserError
+from ..io import remove_abandoned
 from ..memory import FLOAT32, Estimate, check_memory, gib
 from .encoders import BiEncoder
 from ..runtime import resolve_precision
@@ -36,6 +37,18 @@ ADD_BATCH = 100_000  # vectors `FaissIndex.build` adds to an IVF-PQ index at onc
 BYTES_PER_WORD = 6  # English text, word plus space: turns a corpus size into a BM25 token count
 
 KINDS = ("exact", "flat", "hnsw", "ivfpq", "bm25")
+SETTINGS = {"hnsw": ("M", "ef_construction", "ef_search"), "ivfpq": ("nlist", "m", "nbits", "nprobe", "rerank")}  # --param of `index`
+SEARCH_SETTINGS = {"hnsw": ("ef_search",), "ivfpq": ("nprobe", "rerank")}  # --param when searching
+
+
+def check_setting_names(kind: str, params: dict, allowed: dict[str, tuple[str, ...]], what: str) -> None:
+    """Refuse a setting the index kind does not have (it would be ignored), naming the ones it has."""
+    names = allowed.get(kind, ())
+    unknown = sorted(set(params) - set(names))
+    if unknown:
+        takes = f"it takes {', '.join(names)}" if names else "it takes none"
+        article = "an" if kind[0] in "aeioh" else "a"
+        raise UserError(f"{what} '{unknown[0]}' does not apply to {article} '{kind}' index; {takes}")
 MANIFEST = "manifest.json"
 EMBEDDINGS = "embeddings.npy"
 
@@ -115,6 +128,7 @@ class FaissIndex:
         self.kind = kind
         self.embeddings = embeddings  # (N, D) float32, may be memory-mapped; for re-ranking
         self.rerank = 0
+        self.ef_search = 128
 
     def __len__(self) -> int:
         return self.index.ntotal
@@ -143,14 +157,18 @@ class FaissIndex:
         return min(count, max(FaissIndex.TRAIN_PER_LIST * params["nlist"], 256 * 2 ** params["nbits"]))
 
     @staticmethod
-    def check_params(kind: str, params: dict, count: int, dim: int) -> None:
-        """Refuse settings faiss would crash on, with the reason and the allowed range."""
+    def check_values(params: dict) -> None:
         for key, value in params.items():
             if key == "rerank":
                 if not isinstance(value, int) or value < 0:
                     raise UserError(f"index setting rerank={value!r} must be a non-negative integer (0: no re-ranking)")
             elif not isinstance(value, int) or value < 1:
                 raise UserError(f"index setting {key}={value!r} must be a positive integer")
+
+    @staticmethod
+    def check_params(kind: str, params: dict, count: int, dim: int) -> None:
+        """Refuse settings faiss would crash on, with the reason and the allowed range."""
+        FaissIndex.check_values(params)
         if kind == "ivfpq":
             if params["nlist"] > count:
                 raise UserError(f"nlist={params['nlist']} is larger than the corpus ({count} passages); use nlist <= {count}")
@@ -191,7 +209,7 @@ class FaissIndex:
         import faiss
 
         if self.kind == "hnsw":
-            self.index.hnsw.efSearch = params.get("ef_search", 128)
+            self.ef_search = params.get("ef_search", 128)
         elif self.kind == "ivfpq":
             faiss.extract_index_ivf(self.index).nprobe = params.get("nprobe", 16)
             rerank = params.get("rerank", self.RERANK)
@@ -206,6 +224,8 @@ class FaissIndex:
         if self.rerank:
             _, candidates = self.index.search(queries, k * self.rerank)  # (n, k·R)
             return self._rescore(queries, candidates.astype(np.int64), k)
+        if self.kind == "hnsw":  # HNSW finds at most efSearch neighbours: never fewer than the k asked for
+            self.index.hnsw.efSearch = max(self.ef_search, k)
         scores, ids = self.index.search(queries, k)
         scores[ids < 0] = -np.inf  # faiss pads with -FLT_MAX; the contract says -inf
         return scores, ids.astype(np.int64)
@@ -236,7 +256,14 @@ class FaissIndex:
 
         stored = directory / EMBEDDINGS
         embeddings = np.load(stored, mmap_mode="r") if kind == "ivfpq" and stored.is_file() else None
-        loaded = cls(faiss.read_index(str(directory / "index.faiss")), kind, embeddings)
+        path = directory / "index.faiss"
+        if not path.is_file():
+            raise UserError(f"{path}: missing; the index is damaged: rebuild it")
+        try:
+            index = faiss.read_index(str(path))
+        except RuntimeError as error:
+            raise UserError(f"{path}: unreadable or truncated ({str(error).strip().splitlines()[-1]}); rebuild the index") from None
+        loaded = cls(index, kind, embeddings)
         loaded.configure(params)
         return loaded
 
@@ -346,9 +373,12 @@ def stage_build(passages: Iterable[Passage], out: Path, *, retriever: BiEncoder 
         raise UserError(f"index kind must be one of {', '.join(KINDS)}, not '{kind}'")
     if kind != "bm25" and retriever is None:
         raise UserError(f"a '{kind}' index needs a retriever to encode the corpus")
+    check_setting_names(kind, params or {}, SETTINGS, "index setting")
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).is_file())):
         raise UserError(f"{out} exists and is not an index directory; choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in (f".{out.name}.tmp-", f".{out.name}.old-"):  # of killed builds
+        remove_abandoned(out.parent, leftover)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -397,9 +427,35 @@ def read_manifest(directory: Path | str) -> dict:
             f"{directory} is not an index (no {MANIFEST}); build one with `jointrag index --corpus PATH --out DIR`"
         )
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise UserError(f"{path}: not valid JSON ({error})") from None
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"{path}: not valid JSON ({error}); rebuild the index") from None
+    if not isinstance(manifest, dict):
+        raise UserError(f"{path}: expected a JSON object; rebuild the index")
+    dense = manifest.get("kind") != "bm25"
+    for key, kind in (("kind", str), ("count", int), ("corpus", dict), ("params", dict)) + ((("encoder", dict), ("dim", int)) if dense else ()):
+        if not isinstance(manifest.get(key), kind):
+            raise UserError(f"{path}: field '{key}' is missing or not a {kind.__name__}; the index is damaged: rebuild it")
+    if manifest["kind"] not in KINDS or not isinstance(manifest["corpus"].get("fingerprint"), str):
+        raise UserError(f"{path}: field '{'kind' if manifest['kind'] not in KINDS else 'corpus.fingerprint'}' is not one "
+                        "jointrag writes; the index is damaged: rebuild it")
+    return manifest
+
+
+def stored_embeddings(directory: Path, manifest: dict) -> np.ndarray:
+    """The index's (N, D) passage embeddings, memory-mapped, checked against its manifest."""
+    path = directory / EMBEDDINGS
+    try:
+        embeddings = np.load(path, mmap_mode="r")
+    except FileNotFoundError:
+        raise UserError(f"{path}: missing; the index is damaged: rebuild it") from None
+    except (OSError, ValueError) as error:
+        raise UserError(f"{path}: unreadable or truncated ({error}); rebuild the index") from None
+    expected = (manifest["count"], manifest["dim"])
+    if embeddings.shape != expected:
+        raise UserError(f"{path}: holds {embeddings.shape[0]} x {embeddings.shape[1] if embeddings.ndim > 1 else '?'} "
+                        f"embeddings, the manifest {expected[0]} x {expected[1]}; it belongs to another index: rebuild it")
+    return embeddings
 
 
 def check_encoder(manifest: dict, retriever: BiEncoder, directory: Path, built_by: str | None = None) -> None:
@@ -440,6 +496,8 @@ class RetrievalIndex:
         if corpus.fingerprint != manifest["corpus"]["fingerprint"]:
             raise UserError(f"{directory}: the corpus does not match the one the index was built over; rebuild it")
         kind = manifest["kind"]
+        check_setting_names(kind, search_params or {}, SEARCH_SETTINGS, "search setting")
+        FaissIndex.check_values(search_params or {})
         if kind == "bm25":
             return cls(directory, manifest, corpus, retriever, None, BM25Index.load(directory))
         if retriever is None:
@@ -447,7 +505,7 @@ class RetrievalIndex:
         check_encoder(manifest, retriever, directory, built_by)
         params = {**manifest.get("params", {}), **(search_params or {})}
         if kind == "exact":
-            vectors = ExactIndex(np.load(directory / EMBEDDINGS, mmap_mode="r"))
+            vectors = ExactIndex(stored_embeddings(directory, manifest))
         else:
             vectors = FaissIndex.load(directory, kind, params)
         return cls(directory, manifest, corpus, retriever, vectors, None)

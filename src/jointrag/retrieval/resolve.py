@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from ..data.corpus import chunk_passages, read_passages
 from ..data.qa import EMBEDDED_SQUAD
 from ..errors import UserError
+from ..types import Passage
 from .encoders import load_retriever
 from .index import RetrievalIndex, build_index, read_manifest
 from .sharded import build_index_sharded
@@ -21,6 +23,16 @@ def default_home() -> Path:
 
 def default_index_dir() -> Path:
     return default_home() / "indexes" / "squad-v1.1-dev-minilm"
+
+
+def non_empty(passages: Iterator[Passage], source: Path) -> Iterator[Passage]:
+    """`passages`, refusing at their end a file that held none (named, rather than the build's temporary directory)."""
+    count = 0
+    for passage in passages:
+        count += 1
+        yield passage
+    if not count:
+        raise UserError(f"{source}: no passages; the corpus file is empty")
 
 
 def build_from_file(
@@ -41,9 +53,11 @@ def build_from_file(
     `kind` index in `out` (default: the default index location). `sharded`: under torchrun, every rank
     encodes its share of the corpus and only rank 0 gets the index (None elsewhere)."""
     corpus_path = Path(corpus) if corpus else EMBEDDED_SQUAD
+    if corpus_path.is_dir():
+        raise UserError(f"--corpus {corpus_path} is a directory; give the corpus file (.jsonl, .tsv or SQuAD .json)")
     if not corpus_path.is_file():
         raise UserError(f"corpus file {corpus_path} does not exist")
-    passages = read_passages(corpus_path, format)
+    passages = non_empty(read_passages(corpus_path, format), corpus_path)
     if chunk_words:
         passages = chunk_passages(passages, chunk_words)
     encoder = None if kind == "bm25" else load_retriever(retriever)

@@ -6,9 +6,12 @@ system it trains; this module looks the entry up once and adds what every run sh
 
 from __future__ import annotations
 
+import sys
+
 from torch import nn
 
-from ..config import RunConfig
+from .. import distributed
+from ..config import EMBEDDED, RunConfig
 from ..data.qa import corpus_examples, embedded_examples, load_examples
 from ..errors import UserError
 from ..methods import METHODS, Method, Objective, method
@@ -59,7 +62,6 @@ def checkpoint_activations(system: nn.Module) -> None:
     model.activation_checkpointing_enable({"use_reentrant": False})
 
 
-EMBEDDED = "embedded"  # data.dev / data.test: the embedded split, said on purpose
 
 
 def check_held_out(config: RunConfig, split: str) -> None:
@@ -87,11 +89,13 @@ def examples_from(config: RunConfig, corpus=None) -> tuple[list[Example], list[E
     the training mix. Example ids must be unique: per-example state (JSA's chain cache, precomputed
     scores) is keyed by them."""
     data, method = config.data, config.method
-    train = load_examples(data.train, data.format) if data.train else embedded_examples("train")
+    where = data.train or "the embedded train split"
+    loaded = load_examples(data.train, data.format) if data.train else embedded_examples("train")
+    train = answerable(loaded, where)
     dev = held_out(config, "dev")
     if not train:
-        raise UserError(f"{data.train or 'the embedded train split'}: no training examples")
-    unique_ids(train, data.train or "the embedded train split")
+        raise UserError(f"{where}: no training examples" + (" with an answer: every one is unanswerable" if loaded else ""))
+    unique_ids(train, where)
     if method.corpus_ratio:
         if not entry(config).corpus_examples:
             raise UserError(f"method.corpus_ratio: '{method.name}' would retrieve the passage a corpus-derived example's "
@@ -101,6 +105,18 @@ def examples_from(config: RunConfig, corpus=None) -> tuple[list[Example], list[E
     if config.eval.limit:
         dev = dev[: config.eval.limit]
     return train, dev
+
+
+def answerable(examples: list[Example], where: str) -> list[Example]:
+    """The examples with an answer to train on. An unanswerable one (no answers, see `data.qa`) has no
+    target sequence, so it is skipped, and a note on stderr says how many were; evaluation keeps them
+    (it scores abstaining)."""
+    kept = [example for example in examples if example.answers]
+    skipped = len(examples) - len(kept)
+    if skipped and distributed.is_main():
+        print(f"jointrag: {where}: skipped {skipped} of {len(examples)} examples, which are unanswerable: training needs "
+              "an answer", file=sys.stderr)
+    return kept
 
 
 def corpus_mixing() -> list[Method]:

@@ -25,7 +25,6 @@ process `train.fsdp` has nothing to shard and is ignored, with a notice.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import shutil
@@ -48,10 +47,12 @@ from ..methods import METHODS
 from ..methods._base import CHECKPOINT
 from ..methods.bgm_bridge import BridgeSystem, bridge_answers, score_bridged
 from ..retrieval.index import RetrievalIndex, build_index
+from ..retrieval.resolve import resolve_index
 from ..runtime import autocast, release_freed_memory, resolve_precision
 from ..system import load_weights
 from ..types import Example
 from .build import checkpoint_activations, entry, examples_from, objective_from, set_trainable, system_for
+from .log import RunLog
 from .precision import MasterWeights
 
 
@@ -330,7 +331,8 @@ class Trainer:
             self.system.eval()
             _, result = evaluate_system(self.system, self.config, self.dev_examples)
             self.system.train()
-            values = {key: value for key, value in result.items() if isinstance(value, float)} if distributed.is_main() else {}
+            values = {key: value for key, value in result.items() if isinstance(value, float) or key == "examples"} \
+                if distributed.is_main() else {}
         distributed.barrier()
         return values
 
@@ -355,7 +357,8 @@ class Trainer:
                 output = self.objective(self.system, batch)
             distributed.share_example_state(self.objective, [e.id for e in batch])
             if not torch.isfinite(output.loss):
-                raise RuntimeError(f"step {self.step + 1}: the loss is {output.loss.item()}; the last checkpoint is intact")
+                raise UserError(f"step {self.step + 1}: the loss is {output.loss.item()} (try a lower learning rate or "
+                                f"train.precision=fp32); the last checkpoint and the metrics logged so far are intact")
             (output.loss / c.grad_accum).backward()
             for key, value in output.metrics.items():
                 metrics.setdefault(key, []).append(value)
@@ -384,18 +387,11 @@ class Trainer:
         if main:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(self.config, self.out / "config.yaml")
-            from torch.utils.tensorboard import SummaryWriter
-
-            writer = SummaryWriter(str(self.out / "tensorboard"))
-            log = open(self.out / "metrics.jsonl", "a")
+            log = RunLog(self.out, self.step if resume else None)
 
         def record(split: str, values: dict) -> None:
-            if not main:
-                return
-            log.write(json.dumps({"step": self.step, "split": split, "time": round(time.time(), 3), **values}) + "\n")
-            log.flush()
-            for key, value in values.items():
-                writer.add_scalar(f"{split}/{key}", value, self.step)
+            if main:
+                log.record(self.step, split, values)
 
         with autocast(self.system.generator.device, self.precision):
             self.objective.prepare(self.system, self.upcoming())
@@ -408,7 +404,13 @@ class Trainer:
                    dynamic_ncols=True, disable=not main)
         with bar:
             while self.step < c.steps:
-                for key, value in self.train_step().items():
+                try:
+                    step_metrics = self.train_step()
+                except UserError:  # a non-finite loss: first log this rank's steps since the last row (no collective:
+                    if pending:   # another rank may not have failed)
+                        record("train", {key: float(np.mean(v)) for key, v in pending.items()})
+                    raise
+                for key, value in step_metrics.items():
                     pending.setdefault(key, []).append(value)
                 bar.update(1)
                 bar.set_postfix(loss=f"{np.mean(pending['loss']):.3f}")
@@ -429,7 +431,6 @@ class Trainer:
         record("eval", final)
         self.save()
         if main:
-            writer.close()
             log.close()
             from ..evaluation.plot import plot_run
 
@@ -437,19 +438,43 @@ class Trainer:
         return distributed.from_main(final)
 
 
-def load_trained(directory: Path | str):
-    """(config, system) of a saved checkpoint, ready to evaluate: base models, then the trained weights."""
+def read_checkpoint(directory: Path | str) -> tuple[RunConfig, dict, dict]:
+    """(config, trained weights, the saved index's record) of a checkpoint directory."""
     directory = Path(directory)
     if not (directory / "weights.pt").is_file():
         raise UserError(f"{directory} is not a checkpoint (no weights.pt); pass RUN_DIR/checkpoint")
     config = load_config(str(directory / "config.yaml"))
-    weights = read_tensors(directory / "weights.pt")
-    index = read_tensors(directory / "trainer.pt")["index"]
+    return config, read_tensors(directory / "weights.pt"), read_tensors(directory / "trainer.pt")["index"]
+
+
+def trained_index(index: RetrievalIndex, saved: dict) -> RetrievalIndex:
+    """The index a checkpoint was saved with (a run that trained the passage tower rebuilt its own)."""
+    if Path(saved["directory"]) == index.directory.resolve():
+        return index
+    return RetrievalIndex.open(saved["directory"], index.retriever, built_by=saved.get("encoder"))
+
+
+def load_trained(directory: Path | str):
+    """(config, system) of a saved checkpoint, ready to evaluate: base models, then the trained weights."""
+    config, weights, saved = read_checkpoint(directory)
     system = system_for(config)
     if any(name.startswith("posterior.") for name in weights):
         system.add_posterior()
     load_weights(system, weights, directory)
-    if Path(index["directory"]) != system.index.directory.resolve():
-        system.index = RetrievalIndex.open(index["directory"], system.index.retriever, built_by=index.get("encoder"))
+    system.index = trained_index(system.index, saved)
     system.requires_grad_(False)
     return config, system.eval()
+
+
+def load_trained_index(directory: Path | str) -> tuple[RunConfig, RetrievalIndex]:
+    """(config, index with the trained retriever) of a checkpoint, without loading its generator, for
+    retrieval only; a method whose retriever runs on the generator (`separate_retriever`) loads whole."""
+    config, weights, saved = read_checkpoint(directory)
+    if not entry(config).separate_retriever:
+        return config, load_trained(directory)[1].index
+    index = resolve_index(config.model.index, config.model.retriever)
+    tower = {name.removeprefix("retriever."): w for name, w in weights.items() if name.startswith("retriever.")}
+    if tower:
+        load_weights(index.retriever, tower, directory)
+        index.retriever.requires_grad_(False)
+    return config, trained_index(index, saved)

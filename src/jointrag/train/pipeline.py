@@ -8,7 +8,6 @@ directory as table.{json,md,png}, beside each row's predictions.
 from __future__ import annotations
 
 import gc
-import json
 import shutil
 from pathlib import Path
 from typing import Sequence
@@ -19,7 +18,7 @@ from torch import nn
 from ..config import RunConfig, save_config
 from ..errors import UserError
 from ..evaluation.plot import plot_bars
-from ..io import read_tensors, write_jsonl
+from ..io import read_tensors, write_json, write_jsonl
 from ..methods._base import CHECKPOINT
 from ..types import Example
 from .build import held_out
@@ -80,7 +79,7 @@ class Stages:
         for row, (predictions, _) in rows.items():
             write_jsonl(directory / f"{row.replace(' ', '').replace('+', '_')}.jsonl", predictions)
         table = {row: metrics for row, (_, metrics) in rows.items()}
-        (directory / "table.json").write_text(json.dumps(table, indent=2))
+        write_json(directory / "table.json", table)
         (directory / "table.md").write_text(format_table(table) + "\n")
         keys = [key for key in plotted if key in next(iter(table.values()))]
         plot_bars(directory / "table.png", title, {row: {k: m[k] for k in keys} for row, m in table.items()})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import yaml
 from .. import distributed
 from ..config import RunConfig, to_dict
 from ..errors import UserError
+from ..io import exclusive
 from .build import check_held_out, entry
 from .loop import Trainer
 from .pipeline import Stages
@@ -45,7 +47,8 @@ def train(config: RunConfig, resume: bool = False) -> dict:
     check_held_out(config, "dev")
     if pipeline is not None:
         check_held_out(config, "test")
-    with distributed.process_group(config.train.dist_timeout):
+    held = exclusive(config.out) if distributed.is_main() else contextlib.nullcontext()  # one run writes to --out
+    with held, distributed.process_group(config.train.dist_timeout):
         if pipeline is not None:
             return pipeline(config, Stages(config, resume))
         return Trainer(config).run(resume=resume)

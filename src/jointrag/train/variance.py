@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import math
 import random
 import time
@@ -53,11 +52,13 @@ from ..config import RunConfig, load_config
 from ..data.qa import embedded_examples, load_examples
 from ..errors import UserError
 from ..generation.generator import Prompt
+from ..io import write_json
 from ..methods import METHODS, Objective
 from ..methods.systems import rag_system
 from ..runtime import autocast, resolve_precision
 from ..system import RAGSystem
 from ..types import Example
+from .build import answerable
 from .loop import load_trained
 
 TOWERS = ("prior", "posterior")
@@ -275,9 +276,9 @@ def _measure(system, objectives, batches, towers, repeats, precision, progress) 
 
 def variance_examples(config: RunConfig, examples: int, batch_size: int, batches: int, seed: int) -> list[list[Example]]:
     """N disjoint mini-batches of B from a seeded sample of `examples` dev examples (config.data.dev,
-    or the embedded dev split)."""
-    pool = load_examples(config.data.dev, config.data.format) if config.data.dev else embedded_examples("dev")
+    or the embedded dev split) that have an answer (a gradient needs a target)."""
     where = config.data.dev or "the embedded dev split"
+    pool = answerable(load_examples(config.data.dev, config.data.format) if config.data.dev else embedded_examples("dev"), where)
     if examples > len(pool):
         raise UserError(f"--examples {examples}: {where} has only {len(pool)} examples")
     chosen = random.Random(seed).sample(pool, examples)
@@ -371,7 +372,7 @@ def run_variance(
         "seconds": round(time.perf_counter() - started, 1),
     }
     out.mkdir(parents=True, exist_ok=True)
-    (out / "variance.json").write_text(json.dumps(report, indent=2))
+    write_json(out / "variance.json", report)
     plot_variance(report, out / "variance.png")
     return report
 
