@@ -213,3 +213,48 @@ def test_damaged_model_files_are_one_line(tmp_path, index_dir, tiny_dir):
     (encoder / "model.safetensors").write_bytes(b"garbage" * 10)
     done = jointrag("retrieve", "--index", index_dir, "--retriever", encoder, "capital", cwd=tmp_path)
     assert_one_error_line(done, f"cannot load retriever '{encoder}'")
+
+
+@pytest.mark.parametrize("device, fragment", [("cuda", "no CUDA GPU is available"), ("tpu", "expected auto, cpu, cuda or cuda:N")])
+def test_a_device_this_machine_lacks_is_one_line(capsys, monkeypatch, index_dir, tiny_dir, device, fragment):
+    import torch
+
+    from cli_helpers import assert_user_error
+    from jointrag.runtime import DEVICE_VARIABLE
+
+    if torch.cuda.is_available() and device == "cuda":
+        pytest.skip("this machine has a GPU")
+    monkeypatch.setenv(DEVICE_VARIABLE, "auto")  # restored after the test: main() sets it from --device
+    assert_user_error(capsys, "ask", "--index", index_dir, "--generator", tiny_dir / "causal", "--device", device, "capital?",
+                      names=(f"--device {device}", fragment))
+
+
+def test_device_cpu_runs_on_the_cpu(capsys, monkeypatch, index_dir, tiny_dir):
+    from cli_helpers import run
+    from jointrag.runtime import DEVICE_VARIABLE, default_device
+
+    monkeypatch.setenv(DEVICE_VARIABLE, "auto")
+    code, _, err = run(capsys, "ask", "--index", index_dir, "--generator", tiny_dir / "causal", "--device", "cpu",
+                       "--max-new-tokens", "2", "capital?")
+    assert code == 0, err
+    assert default_device().type == "cpu"
+
+
+def test_an_out_under_a_file_is_refused_before_any_work(capsys, tmp_path, files, index_dir, tiny_dir, monkeypatch):
+    """eval, index and dialog-data check --out before loading anything (the models would load first)."""
+    from cli_helpers import assert_user_error
+    from jointrag.retrieval import encoders
+
+    blocker = tmp_path / "file"
+    blocker.write_text("mine")
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before --out was checked")
+
+    monkeypatch.setattr(encoders, "load_encoder", no_model)
+    fragment = f"cannot create or write it ({blocker} is not a writable directory)"
+    assert_user_error(capsys, "eval", "--index", index_dir, "--data", files["qa"], "--out", blocker / "eval", names=(fragment,))
+    assert_user_error(capsys, "index", "--corpus", files["corpus"], "--retriever", tiny_dir / "encoder", "--out", blocker / "index",
+                      names=(fragment,))
+    assert_user_error(capsys, "dialog-data", "--input", files["qa"], "--out", blocker / "dialog", names=(fragment,))
+    assert blocker.read_text() == "mine"

@@ -121,7 +121,7 @@ def test_faiss_index_with_search_params(capsys, files, encoder, tmp_path, kind):
     assert run(capsys, "index", "--corpus", files["corpus"], "--out", out_dir, "--retriever", encoder, "--kind", kind)[0] == 0
     param = "ef_search=8" if kind == "hnsw" else "nprobe=1"
     code, out, _ = run(capsys, "retrieve", "--index", out_dir, "--param", param, "-k", "3", "capital", "--json")
-    assert code == 0 and len(json.loads(out)["passages"]) == 3
+    assert code == 0 and len(json.loads(out)[0]["passages"]) == 3
 
 
 # --- ask and eval -------------------------------------------------------------------------------
@@ -132,7 +132,7 @@ def test_ask(capsys, index_dir, tiny_dir, generator):
     argv = ["ask", "--index", index_dir, "--generator", tiny_dir / generator, "-k", "3", "--contexts", "2", "--max-new-tokens", "3", "What is the capital of France?"]
     code, out, _ = run(capsys, *argv, "--json")
     assert code == 0
-    [result] = json.loads(out)  # a list for one question too
+    result = json.loads(out)
     assert result["question"] == "What is the capital of France?"
     assert isinstance(result["answer"], str) and "\n" not in result["answer"]
     assert [p["used"] for p in result["passages"]] == [True, True, False]
@@ -295,7 +295,7 @@ def test_eval_out_that_is_a_file(capsys, index_dir, files, tmp_path):
 def test_index_out_that_is_a_file(capsys, files, encoder, tmp_path):
     out = tmp_path / "index"
     out.write_text("keep")
-    assert_user_error(capsys, "index", "--corpus", files["corpus"], "--out", out, "--retriever", encoder, names=(str(out), "not an index"))
+    assert_user_error(capsys, "index", "--corpus", files["corpus"], "--out", out, "--retriever", encoder, names=(str(out), "is not a directory"))
     assert out.read_text() == "keep"
 
 

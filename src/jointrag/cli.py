@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -163,11 +164,10 @@ def checkpoint_training_data(checkpoint: str | None) -> str | None:
 
 def cmd_eval(args) -> None:
     from .data.qa import embedded_examples, load_examples
-    from .io import exclusive
+    from .io import check_out_dir, exclusive
 
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a directory")
+    check_out_dir(out)
     if not args.data and args.split is None:
         args.split = "test"
         trained_on = checkpoint_training_data(args.checkpoint)
@@ -212,12 +212,11 @@ def evaluate_into(args, examples, out: Path) -> None:
 def cmd_dialog_data(args) -> None:
     """Convert a dialog set into QA JSONL files split by dialog, and its knowledge into a corpus."""
     from .data.qa import save_examples
-    from .io import write_jsonl
+    from .io import check_out_dir, write_jsonl
     from .data.dialog import dialog_id, load_dialog, split_by_dialog
 
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a directory")
+    check_out_dir(out)
     examples, passages = load_dialog(args.input, args.format, args.last_turns or None)
     splits = dict(zip(("train", "test"), split_by_dialog(examples, args.test_fraction, args.seed)))
     out.mkdir(parents=True, exist_ok=True)
@@ -434,13 +433,20 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/variance", help="output directory for variance.json and variance.png (default runs/variance)")
     p.set_defaults(run=cmd_variance)
 
-    for sub in commands.choices.values():
+    for name, sub in commands.choices.items():
         sub.add_argument("--json", action="store_true", help="machine-readable output")
+        if name not in ("plot", "compare", "dialog-data"):  # the commands that run models
+            sub.add_argument("--device", help="where the generator runs: auto (default: the GPU when there is one, under torchrun "
+                                              "cuda:LOCAL_RANK; else the CPU), cpu, cuda or cuda:N")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
+    if getattr(args, "device", None):
+        from .runtime import DEVICE_VARIABLE
+
+        os.environ[DEVICE_VARIABLE] = args.device
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()

@@ -32,6 +32,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from .errors import UserError
+from .runtime import use_cuda
 
 
 def rank() -> int:
@@ -57,13 +58,13 @@ def process_group(timeout_s: int):
     if world_size() == 1 or active():
         yield
         return
-    if torch.cuda.is_available():
+    if use_cuda():
         local, count = int(os.environ["LOCAL_RANK"]), torch.cuda.device_count()
         if local >= count:
             raise UserError(f"torchrun started more processes on this node than its {count} GPU(s); "
                             f"pass --nproc_per_node={count} or fewer")
         torch.cuda.set_device(local)
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(seconds=timeout_s))
+    dist.init_process_group("nccl" if use_cuda() else "gloo", timeout=timedelta(seconds=timeout_s))
     try:
         yield
     finally:

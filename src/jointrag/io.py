@@ -126,6 +126,17 @@ def process_runs(pid: int) -> bool:
     return True
 
 
+def check_out_dir(out: Path, what: str = "--out") -> None:
+    """Refuse, before any work, an output directory that is a file or cannot be created or written
+    (it lies under a file, or under a directory this user cannot write)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{what} {out} exists and is not a directory")
+    existing = next(p for p in [out, *out.absolute().parents] if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{what} {out}: cannot create or write it ({existing} is not a writable directory)")
+
+
 LOCK = ".jointrag.lock"
 
 

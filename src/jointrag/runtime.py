@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
+
+from .errors import UserError
 
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -41,9 +44,39 @@ def autocast(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
+DEVICE_VARIABLE = "JOINTRAG_DEVICE"  # set by `--device`: auto, cpu, cuda or cuda:N
+
+
+def use_cuda() -> bool:
+    """Whether models run on a GPU: one is available and `--device` does not say cpu."""
+    return os.environ.get(DEVICE_VARIABLE, "auto") != "cpu" and torch.cuda.is_available()
+
+
 def default_device() -> torch.device:
-    """The current GPU (under torchrun, cuda:LOCAL_RANK: `distributed.process_group` selects it), else the CPU."""
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    """The device the generator runs on. `--device` (JOINTRAG_DEVICE) cpu, cuda or cuda:N when given;
+    auto (the default): the current GPU when there is one (under torchrun, cuda:LOCAL_RANK:
+    `distributed.process_group` selects it), else the CPU."""
+    chosen = os.environ.get(DEVICE_VARIABLE, "auto")
+    if chosen == "auto":
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        device = torch.device(chosen)
+    except RuntimeError:
+        raise UserError(f"--device {chosen}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise UserError(f"--device {chosen}: expected auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise UserError(f"--device {chosen}: no CUDA GPU is available to this torch {torch.__version__}")
+    if device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise UserError(f"--device {chosen}: under torchrun each process takes its own GPU (cuda:LOCAL_RANK); pass --device cuda")
+    if device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {chosen}: this machine has {torch.cuda.device_count()} GPU(s), cuda:0 to "
+                        f"cuda:{torch.cuda.device_count() - 1}")
+    return device
 
 
 def _glibc_trim():

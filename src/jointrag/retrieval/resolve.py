@@ -11,6 +11,7 @@ from pathlib import Path
 from ..data.corpus import chunk_passages, read_passages
 from ..data.qa import EMBEDDED_SQUAD
 from ..errors import UserError
+from ..io import check_out_dir
 from ..types import Passage
 from .encoders import load_retriever
 from .index import RetrievalIndex, build_index, read_manifest
@@ -57,6 +58,7 @@ def build_from_file(
         raise UserError(f"--corpus {corpus_path} is a directory; give the corpus file (.jsonl, .tsv or SQuAD .json)")
     if not corpus_path.is_file():
         raise UserError(f"corpus file {corpus_path} does not exist")
+    check_out_dir(Path(out) if out else default_index_dir())  # before the encoder loads
     passages = non_empty(read_passages(corpus_path, format), corpus_path)
     if chunk_words:
         passages = chunk_passages(passages, chunk_words)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 from pathlib import Path
 
 import yaml
@@ -11,7 +10,7 @@ import yaml
 from .. import distributed
 from ..config import RunConfig, to_dict
 from ..errors import UserError
-from ..io import exclusive
+from ..io import check_out_dir, exclusive
 from .build import check_held_out, entry
 from .loop import Trainer
 from .pipeline import Stages
@@ -20,11 +19,7 @@ from .pipeline import Stages
 def check_out(out: Path, resume: bool) -> None:
     """Refuse, before any model loads, an `--out` that cannot be written, or whose `config.yaml` is not
     a jointrag run's (the run would overwrite the user's file)."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a directory")
-    existing = next(p for p in [out, *out.absolute().parents] if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"--out {out}: cannot create or write it ({existing} is not a writable directory)")
+    check_out_dir(out)
     if not resume and (out / "config.yaml").is_file() and not written_by_a_run(out / "config.yaml"):
         raise UserError(f"{out / 'config.yaml'} is not one a jointrag run wrote (those hold every section of the settings), "
                         "and training would overwrite it: choose another --out or move the file")
