@@ -73,3 +73,21 @@ def test_a_truncated_checkpoint_file_is_one_clear_line(trained, tmp_path, capsys
     line = assert_user_error(capsys, "eval", "--checkpoint", run / "checkpoint", "--data", files["qa"], "--limit", "1",
                              names=(str(path),))
     assert "unreadable, truncated or not a tensor file" in line
+
+
+@pytest.mark.parametrize("name", ["trainer.pt", "weights.pt"])
+def test_resume_finds_a_truncated_checkpoint_before_the_models_load(trained, tmp_path, capsys, files, index_dir, tiny_dir,
+                                                                    monkeypatch, name):
+    from jointrag.methods import systems
+
+    run = copy_run(trained, tmp_path)
+    path = run / "checkpoint" / name
+    path.write_bytes(path.read_bytes()[:-100])
+
+    def no_models(*args, **kwargs):
+        raise AssertionError("the models loaded before the checkpoint was checked")
+
+    monkeypatch.setattr(systems, "generator_from", no_models)
+    line = assert_user_error(capsys, *train_argv(files, index_dir, tiny_dir, run, "rag-sequence", 2, "eval.limit=1"), "--resume",
+                             names=(str(path),))
+    assert "truncated" in line

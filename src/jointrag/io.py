@@ -78,6 +78,22 @@ def read_tensors(path: str | Path) -> Any:
         raise UserError(f"{path}: unreadable, truncated or not a tensor file ({str(error).strip().splitlines()[0]})") from None
 
 
+def check_tensor_file(path: str | Path) -> None:
+    """Refuse, cheaply and before any model loads, a tensor file that is missing or cut short: `torch.save`
+    writes a zip archive whose directory is at its end, so a truncated file has none. Only the directory
+    is read; `read_tensors` still checks the contents when the file is loaded."""
+    import zipfile
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: missing")
+    try:
+        with zipfile.ZipFile(path):
+            pass
+    except (zipfile.BadZipFile, OSError) as error:
+        raise UserError(f"{path}: unreadable, truncated or not a tensor file ({error})") from None
+
+
 @contextlib.contextmanager
 def atomic_text(path: str | Path):
     """An open text file that replaces `path` only once it is whole: written to a temporary file then

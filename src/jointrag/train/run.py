@@ -10,7 +10,8 @@ import yaml
 from .. import distributed
 from ..config import RunConfig, to_dict
 from ..errors import UserError
-from ..io import check_out_dir, exclusive
+from ..io import check_out_dir, check_tensor_file, exclusive
+from ..methods._base import CHECKPOINT
 from .build import check_held_out, entry
 from .loop import Trainer
 from .pipeline import Stages
@@ -39,6 +40,10 @@ def train(config: RunConfig, resume: bool = False) -> dict:
     Under torchrun, every rank runs this and returns rank 0's metrics."""
     pipeline = entry(config).pipeline
     check_out(Path(config.out), resume)  # all before any model loads
+    if resume:  # a damaged checkpoint is found now, not after the models load
+        for checkpoint in sorted(Path(config.out).glob(f"**/{CHECKPOINT}")):
+            for name in ("weights.pt", "trainer.pt"):
+                check_tensor_file(checkpoint / name)
     check_held_out(config, "dev")
     if pipeline is not None:
         check_held_out(config, "test")
