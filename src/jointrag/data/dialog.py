@@ -232,12 +232,7 @@ def _dstc11_knowledge(path: Path) -> list[Passage]:
             for sent_id, sentence in _field(path, None, review, "sentences", dict, r_name + ".").items():
                 text = _string(path, None, f"{r_name}.sentences.{sent_id}", sentence)
                 passages.append(Passage(f"{domain}/{entity_id}/review/{doc_id}/{sent_id}", title, text))
-        for doc_id, faq in _field(path, None, entity, "faqs", dict, name + ".").items():
-            f_name = f"{name}.faqs.{doc_id}"
-            faq = _object(path, None, f_name, faq)
-            question = _text(path, None, faq, "question", f_name + ".")
-            answer = _text(path, None, faq, "answer", f_name + ".")
-            passages.append(Passage(f"{domain}/{entity_id}/faq/{doc_id}", title, f"{question} {answer}"))
+        passages += _faqs(path, domain, entity_id, entity, title, ("faqs", "question", "answer"))
     return passages
 
 
@@ -252,12 +247,21 @@ def _dstc9_knowledge(path: Path) -> list[Passage]:
             title = domain
         elif not isinstance(title, str):
             raise UserError(f"{at(path, None, name + '.name')}: expected a string or null, got {_type_name(title)}")
-        for doc_id, doc in _field(path, None, entity, "docs", dict, name + ".").items():
-            d_name = f"{name}.docs.{doc_id}"
-            doc = _object(path, None, d_name, doc)
-            question = _text(path, None, doc, "title", d_name + ".")
-            answer = _text(path, None, doc, "body", d_name + ".")
-            passages.append(Passage(f"{domain}/{entity_id}/faq/{doc_id}", title, f"{question} {answer}"))
+        passages += _faqs(path, domain, entity_id, entity, title, ("docs", "title", "body"))
+    return passages
+
+
+def _faqs(path: Path, domain: str, entity_id: str, entity: dict, title: str, keys: tuple[str, str, str]) -> list[Passage]:
+    """One passage "question answer" per FAQ document of `entity`; `keys` names the documents' field and
+    their question and answer fields (DSTC11: faqs, question, answer; DSTC9/10: docs, title, body)."""
+    field, question_key, answer_key = keys
+    name, passages = f"{domain}.{entity_id}", []
+    for doc_id, doc in _field(path, None, entity, field, dict, name + ".").items():
+        d_name = f"{name}.{field}.{doc_id}"
+        doc = _object(path, None, d_name, doc)
+        question = _text(path, None, doc, question_key, d_name + ".")
+        answer = _text(path, None, doc, answer_key, d_name + ".")
+        passages.append(Passage(f"{domain}/{entity_id}/faq/{doc_id}", title, f"{question} {answer}"))
     return passages
 
 
