@@ -234,7 +234,7 @@ def test_a_decoder_only_lm_is_a_retriever(files, tiny_dir, tmp_path, capsys):
     assert manifest["encoder"]["pooling"] == "last" and manifest["encoder"]["normalize"] is True
     code, stdout, err = run(capsys, "retrieve", "--index", out, "-k", "2", "--json", "What is the capital of France?")
     assert code == 0, err
-    assert len(json.loads(stdout)["passages"]) == 2
+    assert len(json.loads(stdout)[0]["passages"]) == 2
     # inside another training method: RAG-Sequence trains the LLM retriever's query tower
     code, _, err = run(capsys, *train_argv(files, str(out), tiny_dir, tmp_path / "rag", "rag-sequence", 1))
     assert code == 0, err
