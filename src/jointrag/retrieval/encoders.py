@@ -21,7 +21,8 @@ from torch import nn
 
 from ..errors import UserError, local_path
 from ..runtime import autocast
-from ..models import DEFAULT_GENERATOR, DEFAULT_RETRIEVER, default_generator_path, default_retriever_path, load_errors
+from ..models import (DEFAULT_GENERATOR, DEFAULT_RETRIEVER, default_generator_path, default_retriever_path, load_errors,
+                      pretrained_location)
 from ..types import Passage
 
 POOLINGS = ("mean", "cls", "last")
@@ -37,13 +38,36 @@ def _sentence_transformers_settings(directory: Path) -> dict:
     for module in modules:
         if module["type"].endswith("Pooling"):
             pooling = json.loads((directory / module["path"] / "config.json").read_text())
-            if pooling.get("pooling_mode_cls_token"):
+            mode = pooling.get("pooling_mode")  # sentence-transformers 6 writes one key, earlier ones a flag per mode
+            if pooling.get("pooling_mode_cls_token") or mode == "cls":
                 settings["pooling"] = "cls"
-            elif pooling.get("pooling_mode_lasttoken"):
+            elif pooling.get("pooling_mode_lasttoken") or mode == "lasttoken":
                 settings["pooling"] = "last"
             else:
                 settings["pooling"] = "mean"
     return settings
+
+
+EXPORT_NOTE = "jointrag.json"  # what `jointrag export` records in a tower's directory
+
+
+def paired_passage_tower(name_or_path: str | None) -> Path | None:
+    """The passage tower a query tower exported by `jointrag export` was trained with: the directory
+    its note (`EXPORT_NOTE`) names, beside it in the export. None for any other model."""
+    note = Path(name_or_path or "").expanduser() / EXPORT_NOTE
+    if not name_or_path or not note.is_file():
+        return None
+    try:
+        partner = json.loads(note.read_text()).get("passage_encoder")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as error:
+        raise UserError(f"{note}: not a JSON object as `jointrag export` writes ({error}); export the checkpoint again") from None
+    if partner is None:
+        return None
+    path = (note.parent / partner).resolve()
+    if not (path / "config.json").is_file():
+        raise UserError(f"{note}: names the passage tower it was trained with, {partner}, which is missing ({path}); "
+                        "keep the export directory whole")
+    return path
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
@@ -74,9 +98,11 @@ class Encoder(nn.Module):
 
     A decoder-only LM is a tower too (an LLM retriever): with `append_eos`, every text ends with the
     end-of-sequence token, whose state `last` pooling takes, since only the last token of a causal
-    model has read the whole text. Texts are right-padded, so padding never shifts positions.
-    `adapter` names the LoRA adapter the tower runs when its model carries several (Invar-RAG's shared
-    LLM): only that adapter's weights are the tower's to train and to fingerprint.
+    model has read the whole text (appended here, unless the tokenizer appends it itself, as an LLM
+    tower exported by `jointrag export` does for sentence-transformers). Texts are right-padded, so
+    padding never shifts positions. `adapter` names the LoRA adapter the tower runs when its model
+    carries several (Invar-RAG's shared LLM): only that adapter's weights are the tower's to train and
+    to fingerprint.
     """
 
     def __init__(
@@ -102,6 +128,7 @@ class Encoder(nn.Module):
         self.max_length = max_length
         self.append_eos = append_eos
         self.adapter = adapter
+        self._eos_from_tokenizer = append_eos and tokenizer("a")["input_ids"][-1:] == [tokenizer.eos_token_id]
 
     @property
     def dim(self) -> int:
@@ -113,7 +140,7 @@ class Encoder(nn.Module):
 
     def forward(self, texts: Sequence[str]) -> torch.Tensor:
         """Differentiable embeddings (n, D) of `texts`."""
-        if self.append_eos:
+        if self.append_eos and not self._eos_from_tokenizer:
             ids = self.tokenizer(list(texts), truncation=True, max_length=self.max_length - 1)["input_ids"]
             rows = [row + [self.tokenizer.eos_token_id] for row in ids]
             batch = self.tokenizer.pad({"input_ids": rows}, padding_side="right", return_tensors="pt")
@@ -195,8 +222,8 @@ def load_encoder(
         path = local_path(name, "retriever")
         name = str(path) if path.exists() else name  # an index manifest must name it from anywhere
     declared = _sentence_transformers_settings(path) if path.is_dir() else {}
-    location, extra = (str(path.parent), {"gguf_file": path.name}) if path.suffix == ".gguf" else (str(path) if path.exists() else name, {})
     try:
+        location, extra = pretrained_location(path, name)
         tokenizer = AutoTokenizer.from_pretrained(location, **extra)
         model = AutoModel.from_pretrained(location, dtype=torch.float32, **extra)
     except load_errors() as error:
@@ -280,6 +307,10 @@ def load_retriever(
     query_template: str = "{question}",
     passage_template: str = "{title}. {text}",
 ) -> BiEncoder:
-    """A bi-encoder whose two towers start from the same checkpoint."""
-    encoder = load_encoder(name_or_path, pooling=pooling, normalize=normalize, max_length=max_length)
-    return BiEncoder(encoder, query_template=query_template, passage_template=passage_template)
+    """A bi-encoder whose two towers start from the same checkpoint; for a query tower exported by
+    `jointrag export`, its towers are that query tower and the passage tower it was trained with."""
+    settings = {"pooling": pooling, "normalize": normalize, "max_length": max_length}
+    encoder = load_encoder(name_or_path, **settings)
+    partner = paired_passage_tower(name_or_path)
+    passage = load_encoder(str(partner), **settings) if partner is not None else None
+    return BiEncoder(encoder, passage, query_template=query_template, passage_template=passage_template)

@@ -454,9 +454,12 @@ def trained_index(index: RetrievalIndex, saved: dict) -> RetrievalIndex:
     return RetrievalIndex.open(saved["directory"], index.retriever, built_by=saved.get("encoder"))
 
 
-def load_trained(directory: Path | str):
-    """(config, system) of a saved checkpoint, ready to evaluate: base models, then the trained weights."""
+def load_trained(directory: Path | str, precision: str | None = None):
+    """(config, system) of a saved checkpoint, ready to evaluate: base models, then the trained weights.
+    `precision` replaces the run's `train.precision` (fp32 keeps the saved fp32 weights exact: `export`)."""
     config, weights, saved = read_checkpoint(directory)
+    if precision is not None:
+        config.train.precision = precision
     system = system_for(config)
     if any(name.startswith("posterior.") for name in weights):
         system.add_posterior()
