@@ -2,7 +2,7 @@
 
 Run from the repository root (`make bench` runs the same):
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/run_all.py [--quick] [--only retrieval,training,scale,roofline,memory]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/run_all.py [--quick] [--only retrieval,training,scale,roofline,memory,serve]
                                                              [--real-index DIR --real-queries FILE.jsonl]
                                                              [--out runs/bench]
 
@@ -17,12 +17,13 @@ The benchmarks, each in its own process, all but the roofline with one thread (O
 - roofline: bf16 and fp32 GEMM throughput at the generator's shapes (the machine's limit) and the
   training step of rag-sequence, rag-token and jsa against it (`bench_roofline.py`); the one benchmark
   that uses every core (`--threads` = the CPU count), as its figure is the machine's;
-- memory: peak memory of the default training run, `configs/jsa.yaml` for 2 steps (`bench_memory.py`),
-  last, as it loads the real models.
+- memory: peak memory of the default training run, `configs/jsa.yaml` for 2 steps (`bench_memory.py`);
+- serve: requests/s and p50/p95 latency of `jointrag serve` on the default models under 1, 4 and 16
+  concurrent clients, 60 s each (`bench_serve.py`; its server runs one torch thread here like the rest).
 
 `--quick` is a smoke run: bench_scale skips 1M, bench_retrieval encodes 200 passages and searches 20k
 synthetic vectors, bench_training times 2 steps without the profile, bench_roofline 1 step of
-rag-sequence and jsa. Each benchmark prints its figures and writes its JSON (`OUT/NAME.json`) and
+rag-sequence and jsa, bench_serve 10 s per level. Each benchmark prints its figures and writes its JSON (`OUT/NAME.json`) and
 log (`OUT/NAME.log`); this script then writes
 `OUT/results.json` (all reports, with each one's command and exit status) and `OUT/results.md` (each
 benchmark's Markdown tables). A failed benchmark is recorded and the others still run; the exit
@@ -40,7 +41,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-NAMES = ("retrieval", "training", "scale", "roofline", "memory")
+NAMES = ("retrieval", "training", "scale", "roofline", "memory", "serve")
 
 
 def commands(args) -> dict[str, list[str]]:
@@ -58,6 +59,7 @@ def commands(args) -> dict[str, list[str]]:
         "roofline": ["bench_roofline.py", "--threads", str(os.cpu_count()), "--out", str(out / "roofline.json")]
         + (["--methods", "rag-sequence,jsa", "--steps", "1", "--warmup", "1"] if quick else []),
         "memory": ["bench_memory.py", "--out", str(out / "memory.json")],
+        "serve": ["bench_serve.py", "--threads", "1", "--out", str(out / "serve.json")] + (["--seconds", "10"] if quick else []),
     }
 
 
@@ -87,9 +89,11 @@ def markdown_of(name: str, report: dict) -> str:
     import bench_retrieval
     import bench_roofline
     import bench_scale
+    import bench_serve
     import bench_training
 
-    module = {"retrieval": bench_retrieval, "training": bench_training, "scale": bench_scale, "roofline": bench_roofline, "memory": bench_memory}[name]
+    module = {"retrieval": bench_retrieval, "training": bench_training, "scale": bench_scale, "roofline": bench_roofline, "memory": bench_memory,
+              "serve": bench_serve}[name]
     return module.markdown(report)
 
 
@@ -120,7 +124,8 @@ def main(argv=None) -> int:
               "training": "Training step against transformers' RAG; JSA against RAG-Sequence",
               "scale": "Search at scale against raw faiss: flat, HNSW, IVF-PQ",
               "roofline": "Roofline: the training step against the machine's bf16 GEMM throughput",
-              "memory": "Peak memory of the default training run"}
+              "memory": "Peak memory of the default training run",
+              "serve": "Serving: requests/s and latency of jointrag serve under 1, 4 and 16 clients"}
     lines = [f"# Benchmarks{' (quick)' if args.quick else ''}", "", f"Command: `{results['command']}` ({results['seconds']:.0f} s)", ""]
     for name, entry in results["benchmarks"].items():
         lines += [f"## {titles[name]}", "", f"Command: `{entry['command']}` ({entry['seconds']:.0f} s)", ""]

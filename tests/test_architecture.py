@@ -19,7 +19,7 @@ REGISTRY = PACKAGE / "methods" / "__init__.py"
 
 # bottom to top; a module may import from its own layer's modules and from the layers beneath
 LAYERS = [
-    {"jointrag", "jointrag.errors", "jointrag.types", "jointrag.runtime", "jointrag.io", "jointrag.maths",
+    {"jointrag.errors", "jointrag.types", "jointrag.runtime", "jointrag.io", "jointrag.maths",
      "jointrag.metrics", "jointrag.memory", "jointrag.distributed", "jointrag.models"},
     {"jointrag.data"},
     {"jointrag.retrieval", "jointrag.generation"},
@@ -27,7 +27,11 @@ LAYERS = [
     {"jointrag.methods"},
     {"jointrag.config"},
     {"jointrag.evaluation"},
-    {"jointrag.train"},
+    {"jointrag.train", "jointrag.export"},  # export loads a checkpoint as training's load_trained does
+    # the package root re-exports the Python API on first use (its `__getattr__`); the modules beneath only
+    # read `__version__` from it, which is not counted as an import (importing any of them runs it first)
+    {"jointrag", "jointrag.api"},
+    {"jointrag.serve"},
     {"jointrag.cli", "jointrag.__main__"},
 ]
 SIDEWAYS = {("jointrag.retrieval", "jointrag.generation"), ("jointrag.generation", "jointrag.retrieval")}  # same layer, kept apart

@@ -1,4 +1,4 @@
-"""The `jointrag` command line: index, retrieve, ask, eval, train, plot, compare, variance, dialog-data.
+"""The `jointrag` command line: index, retrieve, ask, eval, serve, train, plot, compare, variance, dialog-data.
 
 Every subcommand has defaults that run on the embedded dataset (SQuAD v1.1 dev part) with the
 default models, so `jointrag eval` alone builds the default index if needed and evaluates the test
@@ -55,11 +55,17 @@ def build(args, sharded: bool = False):
                            precision=args.precision, memory_check=not args.no_memory_check, sharded=sharded)
 
 
-def open_index(args):
-    """The index named by --index, or the default one, built on first use."""
-    from .retrieval.resolve import resolve_index
+def pipeline_of(args):
+    """The `api.Pipeline` the options name: --checkpoint (its own index, retriever and generator), or
+    --index searched with --retriever and --param, answering with --generator, --template, --chat and
+    --precision. Nothing loads until it is used."""
+    from .api import Pipeline
 
-    return resolve_index(args.index, args.retriever, parse_params(args.param))
+    if getattr(args, "checkpoint", None):
+        return Pipeline.from_checkpoint(args.checkpoint, template=args.template)
+    return Pipeline.from_index(args.index, retriever=args.retriever, search=parse_params(args.param),
+                               generator=getattr(args, "generator", None), template=getattr(args, "template", None),
+                               chat=getattr(args, "chat", False), precision=getattr(args, "precision", "auto"))
 
 
 def print_table(metrics: dict) -> None:
@@ -80,13 +86,10 @@ def cmd_index(args) -> None:
 
 
 def cmd_retrieve(args) -> None:
-    from .evaluation.evaluate import retrieve
-
-    index = open_index(args)
-    results = retrieve(index, args.question, args.k)
+    results = pipeline_of(args).retrieve(args.question, args.k)
     rows = [
-        {"question": q, "passages": [{"rank": i + 1, "score": round(s, 4), "id": p.id, "title": p.title, "text": p.text} for i, (p, s) in enumerate(zip(r.passages, r.scores))]}
-        for q, r in zip(args.question, results)
+        {"question": q, "passages": [{"rank": h.rank, "score": round(h.score, 4), "id": h.id, "title": h.title, "text": h.text} for h in hits]}
+        for q, hits in zip(args.question, results)
     ]
     if args.json:
         print(json.dumps(rows, ensure_ascii=False))  # a list, one entry per question, however many
@@ -97,60 +100,20 @@ def cmd_retrieve(args) -> None:
             print(f"  {p['rank']:>3}. [{p['score']:.4f}] {p['id']}  {p['text'][:100]}")
 
 
-def answering(args, with_generator: bool = True):
-    """(index, generator, template, decoder, tau, bridged) from --checkpoint, or from the separate
-    options; `bridged` is the `BridgeSystem` of a BGM checkpoint (its answers go through the bridge),
-    else None."""
-    from .generation.generator import load_generator, load_template
-
-    decoder, tau = args.decode or "top1", args.tau or 0.1
-    if args.checkpoint and not with_generator:  # retrieval only: the trained retriever, not the generator
-        from .train import load_trained_index
-
-        config, index = load_trained_index(args.checkpoint)
-        return index, None, None, args.decode or config.eval.decode, args.tau or config.method.tau, None
-    if args.checkpoint:
-        from .methods.bgm_bridge import BridgeSystem
-        from .train import load_trained
-
-        config, system = load_trained(args.checkpoint)
-        system.template = load_template(args.template) if args.template else system.template
-        bridged = system if isinstance(system, BridgeSystem) else None
-        if bridged is not None and args.decode:
-            raise UserError(f"--decode: {args.checkpoint} is a BGM checkpoint; its bridge chooses the passages")
-        generator = system.generator
-        decoder = "bridge" if bridged is not None else args.decode or config.eval.decode
-        return system.index, generator, system.template, decoder, args.tau or config.method.tau, bridged
-    generator = load_generator(args.generator, chat=args.chat, precision=args.precision) if with_generator else None
-    return open_index(args), generator, load_template(args.template), decoder, tau, None
-
-
 def cmd_ask(args) -> None:
-    from .methods.bgm_bridge import bridge_answers
-    from .evaluation.evaluate import decode, retrieve
-    from .types import Example
-
-    index, generator, template, decoder, tau, bridged = answering(args)
-    result = retrieve(index, [args.question], args.k)[0]
-    example = Example("ask", args.question, ())
-    if bridged is not None:  # the LLM answers from the passages the bridge chose, in its order
-        (prediction,), (chosen,) = bridge_answers(bridged, [example], k=args.k, num_beams=args.beams,
-                                                  max_new_tokens=args.max_new_tokens)
-        used = [p.id for p in chosen]
-    else:
-        prediction = decode(generator, template, [example], [result], method=decoder, contexts=args.contexts, tau=tau,
-                            max_new_tokens=args.max_new_tokens, num_beams=args.beams)[0]
-        used = [p.id for p in result.passages[: args.contexts if decoder == "top1" else args.k]]
-    passages = [{"rank": i + 1, "score": round(s, 4), "id": p.id, "title": p.title, "text": p.text, "used": p.id in used} for i, (p, s) in enumerate(zip(result.passages, result.scores))]
+    [answer] = pipeline_of(args).answer(args.question, k=args.k, contexts=args.contexts, decode=args.decode,
+                                        max_new_tokens=args.max_new_tokens, beams=args.beams, tau=args.tau)
+    passages = [{"rank": h.rank, "score": round(h.score, 4), "id": h.id, "title": h.title, "text": h.text, "used": h.used}
+                for h in answer.passages]
     if args.json:
-        chosen = {"chosen": used} if bridged is not None else {}
-        print(json.dumps({"question": args.question, "answer": prediction, "passages": passages, **chosen}, ensure_ascii=False))
+        chosen = {"chosen": answer.chosen} if answer.chosen is not None else {}
+        print(json.dumps({"question": args.question, "answer": answer.answer, "passages": passages, **chosen}, ensure_ascii=False))
         return
-    print(f"Answer: {prediction}\n\nPassages:")
+    print(f"Answer: {answer.answer}\n\nPassages:")
     for p in passages:
         print(f"  {p['rank']:>3}. [{p['score']:.4f}]{' *' if p['used'] else '  '} {p['id']}  {p['text'][:100]}")
-    if bridged is not None:
-        print(f"\nThe bridge chose {' '.join(used) or 'no passage'}: the generator read them in that order")
+    if answer.chosen is not None:
+        print(f"\nThe bridge chose {' '.join(answer.chosen) or 'no passage'}: the generator read them in that order")
     print("\n(* = given to the generator)")
 
 
@@ -163,8 +126,9 @@ def checkpoint_training_data(checkpoint: str | None) -> str | None:
 
 
 def cmd_eval(args) -> None:
+    from .api import evaluate
     from .data.qa import embedded_examples, load_examples
-    from .io import check_out_dir, exclusive
+    from .io import check_out_dir
 
     out = Path(args.out)
     check_out_dir(out)
@@ -179,34 +143,27 @@ def cmd_eval(args) -> None:
         examples = examples[: args.limit]
     if not examples:
         raise UserError(f"{args.data or f'the embedded {args.split} split'}: no questions to evaluate")
-    with exclusive(out):  # a second eval into this --out is refused, not interleaved
-        evaluate_into(args, examples, out)
-
-
-def evaluate_into(args, examples, out: Path) -> None:
-    from .evaluation.evaluate import evaluate
-    from .io import write_json, write_jsonl
-
-    index, generator, template, decoder, tau, bridged = answering(args, with_generator=not args.retrieval_only)
-    if bridged is not None and generator is not None:
-        from .methods.bgm_bridge import bridge_answers, score_bridged
-
-        result = bridge_answers(bridged, examples, k=args.k, num_beams=args.beams, max_new_tokens=args.max_new_tokens,
-                                batch_size=args.batch_size)
-        predictions, metrics = score_bridged(examples, result)
-    else:
-        predictions, metrics = evaluate(
-            index, generator, examples, k=args.k, contexts=args.contexts, template=template, batch_size=args.batch_size,
-            max_new_tokens=args.max_new_tokens, num_beams=args.beams, decoder=decoder, tau=tau,
-        )
-    write_jsonl(out / "predictions.jsonl", predictions)
-    metrics = {"data": args.data or f"embedded:{args.split}", "index": str(index.directory), "checkpoint": args.checkpoint, "decode": decoder, **metrics}
-    write_json(out / "metrics.json", metrics)
+    metrics = evaluate(pipeline_of(args), examples, k=args.k, contexts=args.contexts, decode=args.decode,
+                       max_new_tokens=args.max_new_tokens, beams=args.beams, tau=args.tau, batch_size=args.batch_size,
+                       retrieval_only=args.retrieval_only, out=out, name=args.data or f"embedded:{args.split}")
     if args.json:
         print(json.dumps(metrics))
     else:
         print_table(metrics)
         print(f"\nwrote {out / 'predictions.jsonl'} and {out / 'metrics.json'}")
+
+
+def cmd_serve(args) -> None:
+    from .api import Pipeline, is_checkpoint
+    from .serve import serve
+
+    compare = None
+    if args.compare:
+        compare = (Pipeline.from_checkpoint(args.compare, template=args.template) if is_checkpoint(args.compare) else
+                   Pipeline.from_index(args.compare, generator=args.generator, template=args.template, chat=args.chat,
+                                       precision=args.precision))
+    serve(pipeline_of(args), compare=compare, host=args.host, port=args.port, runs=args.runs, window=args.batch_window_ms / 1000,
+          max_batch=args.max_batch, json_output=args.json)
 
 
 def cmd_dialog_data(args) -> None:
@@ -315,6 +272,30 @@ def cmd_variance(args) -> None:
         print(f"\nwrote {Path(args.out) / 'variance.json'} and {Path(args.out) / 'variance.png'} ({report['seconds']} s)")
 
 
+def cmd_export(args) -> None:
+    from .export import export
+
+    record = export(args.checkpoint, args.out, merge=not args.no_merge)
+    if args.json:
+        print(json.dumps(record))
+        return
+    out = Path(args.out)
+    for name, tower in record.get("towers", {}).items():
+        print(f"{out / name}: sentence-transformers directory, {tower['pooling']} pooling (fingerprint {tower['fingerprint']})")
+    if record.get("tied"):
+        print("  the query and passage towers are tied: both directories hold the same weights")
+    if record["index"].get("accepts_passage_encoder") is False:
+        print(f"  the index {record['index']['directory']} was built by an earlier state of the passage tower; rebuild it "
+              f"with `jointrag index --retriever {out / 'passage_encoder'}` to search with the exported towers")
+    for part in ("generator", "bridge"):
+        if part in record:
+            print(f"{out / part}: save_pretrained directory{' (LoRA merged)' if record[part]['merged'] else ''}")
+            if record[part]["lora"]:
+                adapter = record[part]["adapter"]
+                print(f"{out / adapter['directory']}: its LoRA adapter (base model {adapter['base_model_name_or_path']})")
+    print(f"{out / 'export.json'}: what was exported, from {record['checkpoint']}")
+
+
 def add_index_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--index", help="index directory (default: the embedded SQuAD index, built on first use)")
     parser.add_argument("--retriever", help="query encoder (default: the one named in the index manifest)")
@@ -383,6 +364,27 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/eval", help="output directory (default runs/eval)")
     p.set_defaults(run=cmd_eval)
 
+    p = commands.add_parser("serve", help="an HTTP server and web page: retrieve, answer (streamed), OpenAI-compatible chat, run views")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--checkpoint", help="a trained model, RUN_DIR/checkpoint (default: --index)")
+    source.add_argument("--index", help="index directory (default: the embedded SQuAD index, built on first use)")
+    p.add_argument("--retriever", help="query encoder of --index (default: the one named in the index manifest)")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="search setting, e.g. nprobe=32 or ef_search=256")
+    p.add_argument("--generator", help="hub id, directory or .gguf file (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--template", help="YAML file with the prompt: template, passage_template, separator (default: a two-shot QA prompt)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the generator's chat template")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="generation precision; auto = bf16 where the hardware runs it fast")
+    p.add_argument("--compare", metavar="CHECKPOINT_OR_INDEX", help="a second model answering beside the first (an index answers "
+                                                                   "with --generator): the page shows both, requests pick it with model=compare")
+    p.add_argument("--run", action="append", default=[], dest="runs", metavar="RUN_DIR", help="a run directory shown at /runs: its plots/*.png and "
+                                                                                 "predictions.jsonl (or eval/predictions.jsonl); repeat it to compare runs")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=non_negative_int, default=8000, help="port (default 8000; 0: a free one, printed)")
+    p.add_argument("--batch-window-ms", type=float, default=15.0, help="how long the first waiting request waits for others to "
+                                                                       "join its batch (default 15)")
+    p.add_argument("--max-batch", type=positive_int, default=16, help="questions run as one batch at most (default 16)")
+    p.set_defaults(run=cmd_serve)
+
     p = commands.add_parser("train", help="train a RAG model: " + ", ".join(METHODS))
     p.add_argument("--config", help="YAML recipe (see configs/); settings not given keep their defaults")
     p.add_argument("--method", choices=list(METHODS), help="shorthand for --set method.name=...")
@@ -432,6 +434,15 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", type=positive_int, default=8, help="mini-batches N, one gradient each (default 8, at least 2)")
     p.add_argument("--out", default="runs/variance", help="output directory for variance.json and variance.png (default runs/variance)")
     p.set_defaults(run=cmd_variance)
+
+    p = commands.add_parser("export", help="write a checkpoint's towers as sentence-transformers directories and its generator "
+                                           "as a save_pretrained directory, for use without jointrag")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a trained model, RUN_DIR/checkpoint")
+    p.add_argument("--out", required=True, help="export directory: query_encoder/, passage_encoder/, generator/, "
+                                                "generator_adapter/ (LoRA), export.json")
+    p.add_argument("--no-merge", action="store_true", help="a LoRA generator: write its base weights to generator/ "
+                                                           "instead of merging the adapter into them")
+    p.set_defaults(run=cmd_export)
 
     for name, sub in commands.choices.items():
         sub.add_argument("--json", action="store_true", help="machine-readable output")

@@ -8,8 +8,10 @@ plain constructor arguments.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -323,6 +325,47 @@ def load_config(path: str | None = None, overrides: typing.Sequence[str] = ()) -
         dotted, raw = item.split("=", 1)
         _set(config, dotted.strip(), _yaml_value(raw, f"--set {item}"), f"--set {item}")
     return config
+
+
+# keyword shorthands of the Python API's `train(**settings)`, the CLI's `train --method/--data/--index/--steps`
+SHORTHANDS = {"method": "method.name", "data": "data.train", "index": "model.index", "steps": "train.steps"}
+
+
+def setting_key(keyword: str) -> str:
+    """The dotted key a keyword setting names: a shorthand, or the key with `__` for each dot (`train__steps`)."""
+    return SHORTHANDS.get(keyword, keyword.replace("__", "."))
+
+
+def _flatten(mapping: typing.Mapping, prefix: str = ""):
+    for key, value in mapping.items():
+        if isinstance(value, typing.Mapping):
+            yield from _flatten(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _plain(value):
+    return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+
+def settings_config(config=None, settings: typing.Mapping[str, typing.Any] | None = None) -> RunConfig:
+    """The config of the Python API's `train(config, **settings)`: `config` is None (the defaults), a
+    YAML recipe's path, a mapping shaped like one (`{"method": {"name": "jsa"}}`, dotted keys allowed)
+    or a `RunConfig` (copied); then each keyword setting (`setting_key`) in turn. Values are checked as
+    the YAML recipe's are."""
+    if isinstance(config, RunConfig):
+        run = copy.deepcopy(config)
+    elif config is None or isinstance(config, (str, os.PathLike)):
+        run = load_config(None if config is None else os.fspath(config))
+    elif isinstance(config, typing.Mapping):
+        run = RunConfig()
+        for dotted, value in _flatten(config):
+            _set(run, dotted, _plain(value), "config")
+    else:
+        raise UserError(f"config: expected a YAML recipe's path, a mapping of settings or a RunConfig, got {type(config).__name__}")
+    for keyword, value in (settings or {}).items():
+        _set(run, setting_key(keyword), _plain(value), f"setting {keyword}")
+    return run
 
 
 def to_dict(config: RunConfig) -> dict:

@@ -74,6 +74,17 @@ def read_passages(path: str | os.PathLike[str], fmt: str | None = None) -> Itera
     return _decoding_errors_as_user_errors(path, readers[fmt](path))
 
 
+def passages_from_records(records: Iterable[object], source: str = "passages") -> Iterator[Passage]:
+    """Passages from Python values, one at a time: `Passage`s as they are, or mappings read as JSON
+    Lines records (`id`, `text`, optional `title`), such as a `datasets.Dataset`'s rows. An error names
+    the record as `source[i]`; no records at all is an error too (an index of nothing answers nothing)."""
+    count = 0
+    for count, record in enumerate(records, 1):
+        yield record if isinstance(record, Passage) else _jsonl_passage(Path(f"{source}[{count - 1}]"), None, record)
+    if not count:
+        raise UserError(f"{source}: no passages given")
+
+
 def _detect_format(path: Path) -> str:
     name = path.name.lower().removesuffix(".gz")
     for suffix, fmt in _SUFFIX_FORMATS.items():

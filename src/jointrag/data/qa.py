@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import gzip
 import json
-from collections.abc import Iterable
+import os
+import sys
+from collections.abc import Iterable, Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -76,6 +78,44 @@ def load_examples(path: str | Path, fmt: str | None = None) -> list[Example]:
     if fmt == "squad":
         return _parse_squad(path, doc)
     return _parse_dpr(path, doc)
+
+
+def read_examples(source: Any = None, *, format: str | None = None, split: str = "test") -> list[Example]:
+    """Examples from any source the Python API takes: None (the embedded split `split`), a QA file's
+    path (`load_examples`, in `format` or detected), or an iterable of `Example`s or of mappings with
+    the fields of a JSON Lines record, such as a Python list of dicts or a `datasets.Dataset`
+    (`examples_from_records`)."""
+    if source is None:
+        return embedded_examples(split)
+    if isinstance(source, (str, os.PathLike)):
+        return load_examples(source, format)
+    datasets = sys.modules.get("datasets")  # only a program that imported it can hold a DatasetDict
+    if datasets is not None and isinstance(source, datasets.DatasetDict):
+        raise UserError(f"examples: a DatasetDict holds the splits {', '.join(source)}; pass one of them, e.g. data['test']")
+    if isinstance(source, (Mapping, bytes)) or not isinstance(source, Iterable):
+        raise UserError(f"examples: expected a QA file's path, a list of examples or a datasets.Dataset, got {_type_name(source)}")
+    return examples_from_records(source)
+
+
+def examples_from_records(records: Iterable[Any], source: str = "examples") -> list[Example]:
+    """Examples from Python values: `Example`s as they are, or mappings read as JSON Lines records
+    (`question`, `answers`, optional `id`, `gold_ids`, `history`; other keys are ignored). `answers`
+    may also be a mapping with a `text` list, as the SQuAD sets of the Hugging Face hub give it. A
+    record without an id gets `source:N` (N from 1); an error names the record as `source[i]`."""
+    examples = []
+    for i, record in enumerate(records):
+        if isinstance(record, Example):
+            examples.append(record)
+            continue
+        where = Path(f"{source}[{i}]")
+        if not isinstance(record, Mapping):
+            raise UserError(f"{where}: expected a mapping with 'question' and 'answers', got {_type_name(record)}")
+        record = dict(record)
+        if isinstance(record.get("answers"), Mapping) and "text" in record["answers"]:
+            record["answers"] = record["answers"]["text"]
+        record.setdefault("id", f"{source}:{i + 1}")
+        examples.append(_jsonl_example(where, None, record))
+    return examples
 
 
 def save_examples(path: str | Path, examples: Iterable[Example]) -> None:

@@ -3,7 +3,6 @@ index with its towers (the default: the embedded SQuAD index, built on first use
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,10 +15,6 @@ from ..types import Passage
 from .encoders import load_retriever
 from .index import RetrievalIndex, build_index, read_manifest
 from .sharded import build_index_sharded
-
-
-def default_home() -> Path:
-    return Path(os.environ.get("JOINTRAG_HOME", Path.home() / ".cache" / "jointrag")).expanduser()
 
 
 def default_index_dir() -> Path:
