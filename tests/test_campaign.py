@@ -1,0 +1,290 @@
+"""The results campaign driver (`scripts/campaign.py`) end to end on the tiny random models: every unit of
+its plan (SQuAD methods, passage tower, RA-DIT, BGM, the DSTC9 fixture standing in for DSTC11) with 2
+steps, 2 seeds and the 4 fixture questions, run in this process; then what makes it usable in chunks:
+`--dry-run`, done units skipped, an interrupted training run resumed, `--only`, `--budget-minutes`, and
+the compare tables and summary of `--report`.
+
+The runs test plumbing, not learning. The whole file takes a few minutes on 2 CPU cores, hence `slow`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DSTC9 = Path(__file__).parent / "fixtures" / "dialog" / "dstc9" / "val"
+
+pytestmark = [pytest.mark.usefixtures("isolated_home"), pytest.mark.slow]
+
+
+def load_driver():
+    spec = importlib.util.spec_from_file_location("campaign_driver", ROOT / "scripts" / "campaign.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def driver():
+    return load_driver()
+
+
+@pytest.fixture
+def tiny(tmp_path, files, index_dir, tiny_dir):
+    """`run(*argv)`: the driver's main on the tiny models and data, its runs and results in tmp_path;
+    returns (exit status, the jointrag commands it ran)."""
+    module = load_driver()
+    sets = {
+        "train.steps": 2, "train.batch_size": 2, "train.precision": "fp32", "train.save_every": 1,
+        "method.proposals": 5, "eval.limit": 2, "eval.max_new_tokens": 3, "model.max_prompt_tokens": 256,
+        "model.generator": tiny_dir / "causal", "bgm.bridge": tiny_dir / "causal", "bgm.max_len": 2,
+        "squad:model.index": index_dir, "squad:data.train": files["qa"], "squad:data.dev": files["qa"],
+        "squad:data.test": files["qa"], "dstc11:eval.k": 3,
+    }
+    base = ["--runs", tmp_path / "runs", "--results", tmp_path / "results", "--in-process", "--seeds", "0,1",
+            "--dialog", DSTC9, "--dialog-format", "dstc9", "--retriever", tiny_dir / "encoder",
+            "--sec-per-step", "0.01", "--questions-per-second", "1000", "--startup-seconds", "0.01"]
+    for key, value in sets.items():
+        base += ["--set", f"{key}={value}"]
+    calls: list[list[str]] = []
+    real = module.run_jointrag
+
+    def recorded(argv, opts, deadline):
+        calls.append(list(argv))
+        return real(argv, opts, deadline)
+
+    module.run_jointrag = recorded
+
+    def run(*argv):
+        calls.clear()
+        code = module.main([str(a) for a in (*base, *argv)])
+        return code, list(calls)
+
+    run.module, run.root = module, tmp_path
+    return run
+
+
+def unit_names(calls: list[list[str]]) -> list[str]:
+    """The --out of each command (the unit's directory), for train and eval."""
+    return [argv[argv.index("--out") + 1] if "--out" in argv else
+            next(s.removeprefix("out=") for s in argv if s.startswith("out=")) for argv in calls]
+
+
+def test_the_whole_campaign_on_tiny_models_then_nothing_to_do(tiny, capsys):
+    code, calls = tiny("--dry-run")
+    assert code == 0 and calls == []
+    out = capsys.readouterr().out
+    assert "squad/jsa/s1/train" in out and "dstc11/prep/index" in out and "squad/ra-dit/lm-ft+r-ft/test-ensemble" in out
+    assert "units done; " in out and "of work" in out and "by experiment:" in out
+
+    code, calls = tiny()
+    out = capsys.readouterr().out
+    assert code == 0, out
+    results = tiny.root / "results"
+    # every evaluation's copy, with the fields compare reads
+    evaluations = [p.parent for p in results.rglob("metrics.json")]
+    assert len(evaluations) == 4 * 2 * 2 + 2 + 2 * 2 * 2 + 2 + 2 * 2 + 4 * 3 + 3 * 2  # main, untrained, dstc11, passage, ra-dit, bgm
+    row = json.loads((results / "squad" / "jsa" / "s1" / "test" / "predictions.jsonl").read_text().splitlines()[0])
+    assert {"id", "question", "answers", "prediction", "em", "f1", "gold_recall", "passages"} <= set(row)
+    assert all(isinstance(p, str) for p in row["passages"])
+    dialog = json.loads((results / "dstc11" / "jsa" / "s0" / "test" / "predictions.jsonl").read_text().splitlines()[0])
+    assert "history" not in dialog and "gold_ids" not in dialog and dialog["passages"]
+    # the training summaries and the timings the estimate reads
+    summary = json.loads((results / "squad" / "jsa-passage" / "s0" / "train.json").read_text())
+    assert summary["stages"][0]["steps"] == 2 and summary["stages"][0]["key"] == "squad:jsa+passage"
+    assert summary["stages"][0]["staleness"], "the passage tower's run refreshes its index at the end"
+    radit = json.loads((results / "squad" / "ra-dit" / "train.json").read_text())
+    assert [s["key"] for s in radit["stages"]] == ["squad:ra-dit-lm", "squad:ra-dit-lsr"]
+    timings = [json.loads(line) for line in (results / "timings.jsonl").read_text().splitlines()]
+    assert len(timings) == len(calls) - 0 and {t["kind"] for t in timings} == {"prep", "train", "pipeline", "eval"}
+    # BGM's PPO stage starts from the supervised bridge and shares its silver file
+    ppo = next(argv for argv in calls if any("bgm-ppo" in a for a in argv) or "squad/bgm/ppo" in " ".join(argv))
+    assert any(a.startswith("bgm.reference=") and a.endswith("sl/checkpoint") for a in ppo)
+    assert (tiny.root / "runs" / "squad" / "bgm" / "silver.jsonl").is_file()
+    # the compare tables: every method against rag-sequence and against the untrained pipeline
+    tables = {p.name for p in (results / "compare").glob("*.txt")}
+    for name in ("squad-test-main-vs-rag-sequence", "squad-test-main-vs-untrained", "squad-dev-main-vs-untrained",
+                 "squad-test-ra-dit-vs-rag-sequence", "squad-test-bgm-vs-untrained", "dstc11-test-main-vs-rag-sequence"):
+        assert f"{name}.txt" in tables and (results / "compare" / f"{name}.json").is_file()
+    report = json.loads((results / "compare" / "squad-test-main-vs-rag-sequence.json").read_text())
+    groups = {g["name"]: len(g["runs"]) for g in report["groups"]}
+    assert groups == {"rag-sequence": 2, "untrained": 1, "rag-token": 2, "vrag": 2, "jsa": 2, "jsa-passage": 2}
+    assert report["reference"] == "rag-sequence" and {c["metric"] for c in report["comparisons"]} >= {"em", "f1"}
+    text = (results / "compare" / "squad-test-main-vs-rag-sequence.txt").read_text()
+    assert text.startswith("$ jointrag compare --reference rag-sequence ") and "W/T/L" in text
+    assert "| jsa | 2 |" in (results / "summary.md").read_text()
+
+    # everything done: a rerun runs nothing, and the dry run says so
+    code, calls = tiny()
+    assert code == 0 and calls == []
+    code, _ = tiny("--dry-run")
+    assert "0 left" in capsys.readouterr().out
+
+    # a unit done without its copy (a crash between the two, or run by hand) is copied, not rerun
+    import shutil
+
+    shutil.rmtree(results / "squad" / "untrained" / "test")
+    code, calls = tiny()
+    assert code == 0 and calls == [] and (results / "squad" / "untrained" / "test" / "predictions.jsonl").is_file()
+
+    # committed results are enough: with the run directories gone nothing reruns
+
+    shutil.rmtree(tiny.root / "runs" / "squad")
+    code, calls = tiny()
+    assert code == 0 and calls == [], unit_names(calls)
+
+
+def test_resume_only_and_done_units(tiny, capsys):
+    # a training run stopped after its first step (its checkpoint at step 1) ...
+    code, calls = tiny("--only", "squad/rag-sequence/s0/train", "--set", "train.steps=1")
+    assert code == 0 and len(calls) == 1 and "--resume" not in calls[0]
+    run = tiny.root / "runs" / "squad" / "rag-sequence" / "s0"
+    first = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    tiny("--dry-run", "--only", "squad/rag-sequence/s0")
+    out = capsys.readouterr().out
+    assert "partial" in out and "step 1/2" in out and "1 steps x 0.0 s" in out
+
+    # ... continues from it with --resume, then its evaluations run; nothing else does
+    code, calls = tiny("--only", "squad/rag-sequence/s0")
+    assert code == 0
+    assert calls[0][0] == "train" and calls[0][-1] == "--resume"
+    assert [argv[0] for argv in calls] == ["train", "eval", "eval"]
+    after = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in after if r["split"] == "train" and "loss" in r]
+    assert [r["step"] for r in train] == [1, 2] and train[0] == [r for r in first if r["split"] == "train"][0]
+    assert "resumes at step 1/2" in capsys.readouterr().out
+
+    # rerunning the same selection skips the done units; a glob selects by pattern
+    code, calls = tiny("--only", "squad/rag-sequence/s0")
+    assert code == 0 and calls == []
+    code, calls = tiny("--only", "squad/untrained/*")
+    assert [argv[0] for argv in calls] == ["eval", "eval"]
+    assert all("--checkpoint" not in argv for argv in calls)
+    # an evaluation whose training is not done waits for it
+    code, calls = tiny("--only", "squad/jsa/s0/test")
+    assert code == 0 and calls == []
+    assert "waiting for units not done: squad/jsa/s0/test" in capsys.readouterr().out
+
+
+def test_budget(tiny, capsys, monkeypatch):
+    """Each unit 'takes' a minute of a fake clock: a budget of 2.5 minutes starts three units (two
+    evaluations and a training run), the fourth waits; a budget of 0 starts none."""
+    module = tiny.module
+    now = [0.0]
+    real = module.run_jointrag
+
+    def one_minute(argv, opts, deadline):
+        now[0] += 60
+        return real(argv, opts, deadline)
+
+    monkeypatch.setattr(module, "clock", lambda: now[0])
+    monkeypatch.setattr(module, "run_jointrag", one_minute)
+    code, _ = tiny("--budget-minutes", "0", "--only", "squad/untrained", "--only", "squad/rag-sequence/s0")
+    assert code == 0 and not (tiny.root / "runs" / "squad").exists()
+    assert "the budget of 0 min is spent" in capsys.readouterr().out
+
+    code, _ = tiny("--budget-minutes", "2.5", "--only", "squad/untrained", "--only", "squad/rag-sequence/s0")
+    assert code == 0
+    out = capsys.readouterr().out
+    done = sorted(str(p.parent.relative_to(tiny.root / "results")) for p in (tiny.root / "results").rglob("metrics.json"))
+    assert done == ["squad/untrained/dev", "squad/untrained/test"], out
+    assert (tiny.root / "results" / "squad" / "rag-sequence" / "s0" / "train.json").is_file()
+    assert "the budget of 2.5 min is spent" in out
+
+    # a unit that does not fit the time left waits for the next chunk; a later one that fits still runs
+    now[0] = 0.0
+    code, calls = tiny("--budget-minutes", "1.5", "--sec-per-step", "1000", "--only", "squad/rag-token/s0/train",
+                       "--only", "dstc11/prep/data")
+    out = capsys.readouterr().out
+    assert code == 0 and [argv[0] for argv in calls] == ["dialog-data"], out
+    assert "1 units left for the next chunk: squad/rag-token/s0/train (needs ~33m, 1m left)" in out
+
+
+def test_a_training_process_that_dies_after_a_checkpoint_is_resumed(tiny, capsys, monkeypatch):
+    """A process killed after saving a checkpoint (e.g. for memory) continues in a new one; one that dies
+    without progress fails the unit, and the units that need it wait."""
+    module = tiny.module
+    real = module.run_jointrag
+    calls = []
+
+    def dies_once(argv, opts, deadline):
+        calls.append(list(argv))
+        if len(calls) == 1:  # the first process saves step 1 of 2, then dies as the OOM killer would leave it
+            real([a if a != "train.steps=2" else "train.steps=1" for a in argv], opts, deadline)
+            return -9
+        return real(argv, opts, deadline)
+
+    monkeypatch.setattr(module, "run_jointrag", dies_once)
+    code, _ = tiny("--only", "squad/vrag/s0/train")
+    out = capsys.readouterr().out
+    assert code == 0 and "exited with status -9 after reaching 1 steps: resuming it in a new process (1 of 3)" in out
+    assert "--resume" not in calls[0] and calls[1][-1] == "--resume"
+    assert module.checkpoint_step(tiny.root / "runs" / "squad" / "vrag" / "s0") == 2
+
+    monkeypatch.setattr(module, "run_jointrag", lambda argv, opts, deadline: calls.append(argv) or 1)
+    calls.clear()
+    code, _ = tiny("--only", "squad/rag-token/s0")
+    out = capsys.readouterr().out
+    assert code == 1 and len(calls) == 1 and "FAILED: squad/rag-token/s0/train (exit status 1)" in out
+    assert "2 units waiting for units not done: squad/rag-token/s0/test, squad/rag-token/s0/dev" in out
+
+
+def test_settings_reach_the_runs_and_their_evaluations(driver, tmp_path, capsys):
+    """--set and --set GROUP:KEY=VALUE: a bad key fails the plan at once, naming it; the dialog group's data
+    and evaluation settings reach its commands; a dry run prints the chunk a budget would run."""
+    code = driver.main(["--dry-run", "--runs", str(tmp_path / "r"), "--results", str(tmp_path / "s"),
+                        "--set", "train.stepz=3"])
+    assert code == 2 and "train.stepz" in capsys.readouterr().err
+
+    opts = driver.parse_args(["--runs", str(tmp_path / "r"), "--results", str(tmp_path / "s"), "--set", "train.steps=7",
+                              "--set", "dstc11:eval.k=4", "--seeds", "3"])
+    plan = {u.name: u for u in driver.build_plan(opts)}
+    assert plan["squad/jsa/s3/train"].config.train.steps == 7 and plan["squad/jsa/s3/train"].config.train.seed == 3
+    test = plan["dstc11/jsa/s3/test"].argv
+    assert test[test.index("-k") + 1] == "4" and test[test.index("--max-new-tokens") + 1] == "40"
+    assert test[test.index("--data") + 1].endswith("dstc11/data/converted/test.jsonl")
+    assert plan["squad/jsa/s3/test"].argv[plan["squad/jsa/s3/test"].argv.index("--split") + 1] == "test"
+    assert plan["squad/ra-dit/base/test-ensemble"].argv[-5:-3] == ["--decode", "ensemble"] or "ensemble" in plan["squad/ra-dit/base/test-ensemble"].argv
+    assert "--template" in plan["squad/ra-dit/base/test-top1"].argv
+    assert "--decode" not in plan["squad/bgm/sl+ppo/test"].argv  # the bridge chooses the passages
+    assert plan["squad/bgm/ppo/train"].needs == ("squad/bgm/sl/train",)
+
+    code = driver.main(["--dry-run", "--runs", str(tmp_path / "r"), "--results", str(tmp_path / "s"), "--budget-minutes", "165"])
+    out = capsys.readouterr().out
+    assert code == 0 and "this chunk (165 min) would run, by the estimate: squad/untrained/test" in out
+    assert "(fallback)" in out
+
+
+def test_a_child_process_stopped_at_the_deadline_resumes_in_the_next_chunk(tmp_path, files, index_dir, tiny_dir):
+    """The real mode: each unit a `python -m jointrag` child, interrupted when the budget is spent; the
+    training run keeps its last checkpoint and the next chunk resumes it."""
+    import subprocess
+    import torch
+
+    def chunk(*argv, timeout=300):
+        command = [sys.executable, str(ROOT / "scripts" / "campaign.py"), "--runs", str(tmp_path / "runs"),
+                   "--results", str(tmp_path / "results"), "--only", "squad/rag-sequence/s0/train",
+                   "--sec-per-step", "0.01", "--startup-seconds", "1"]
+        for setting in ("train.batch_size=2", "train.precision=fp32", "train.save_every=2", "eval.limit=2",
+                        "eval.max_new_tokens=3", "model.max_prompt_tokens=256", f"model.generator={tiny_dir / 'causal'}",
+                        f"squad:model.index={index_dir}", f"squad:data.train={files['qa']}", f"squad:data.dev={files['qa']}",
+                        f"squad:data.test={files['qa']}"):
+            command += ["--set", setting]
+        return subprocess.run(command + list(argv), capture_output=True, text=True, timeout=timeout)
+
+    done = chunk("--set", "train.steps=100000", "--budget-minutes", "0.3")
+    assert done.returncode == 0, done.stderr
+    assert "stopped at the deadline" in done.stdout, done.stdout
+    state = tmp_path / "runs" / "squad" / "rag-sequence" / "s0" / "checkpoint" / "trainer.pt"
+    step = torch.load(state, weights_only=True, mmap=True)["step"]
+    assert 2 <= step < 100000 and step % 2 == 0
+    done = chunk("--set", f"train.steps={step + 2}")
+    assert done.returncode == 0, done.stderr
+    assert f"resumes at step {step}/{step + 2}" in done.stdout
+    assert torch.load(state, weights_only=True, mmap=True)["step"] == step + 2
