@@ -427,3 +427,10 @@ def test_resume_continues_with_the_runs_own_settings(capsys, files, index_dir, t
     saved = yaml.safe_load((out / "checkpoint" / "config.yaml").read_text())
     assert saved["train"]["steps"] == 2 and saved["model"]["generator"] == str((tiny_dir / "causal").resolve())
     assert torch.load(out / "checkpoint" / "trainer.pt", weights_only=True)["step"] == 2
+
+
+def test_the_default_index_lives_in_jointrag_home(monkeypatch, tmp_path):
+    from jointrag.retrieval.resolve import default_index_dir
+
+    monkeypatch.setenv("JOINTRAG_HOME", str(tmp_path / "home"))
+    assert default_index_dir() == tmp_path / "home" / "indexes" / "squad-v1.1-dev-minilm"

@@ -11,6 +11,7 @@ from ..data.corpus import chunk_passages, read_passages
 from ..data.qa import EMBEDDED_SQUAD
 from ..errors import UserError
 from ..io import check_out_dir
+from ..models import default_home
 from ..types import Passage
 from .encoders import load_retriever
 from .index import RetrievalIndex, build_index, read_manifest
