@@ -328,6 +328,7 @@ def test_a_generator_loaded_from_gguf_exports_as_plain_tensors(tmp_path):
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # two loads of the real GGUF: about a minute
 def test_the_default_generator_comes_back_equal_from_its_copy(gguf_home):
     from jointrag.generation.generator import load_generator
     from jointrag.models import default_generator_path

@@ -26,7 +26,7 @@ from jointrag.config import load_config
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "configs" / "paper").glob("*.yaml"))
 
-pytestmark = pytest.mark.usefixtures("isolated_home")
+pytestmark = [pytest.mark.usefixtures("isolated_home"), pytest.mark.slow]  # a training step per recipe: CI's make test-slow
 
 
 def script(name: str):
