@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import os
 import shutil
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from torch import nn
 from . import __version__
 from .errors import UserError
 from .generation.generator import Generator
-from .io import remove_abandoned, write_json
+from .io import staging_directory, swap_in, write_json
 from .methods.invar_adapters import AdapterView
 from .models import DEFAULT_GENERATOR, unquantized
 from .retrieval.encoders import EXPORT_NOTE, Encoder
@@ -52,23 +51,12 @@ def export(checkpoint: str | Path, out: str | Path, *, merge: bool = True) -> di
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).is_file())):
         raise UserError(f"--out {out} exists and is not an export directory; choose another --out")
     config, system = load_trained(checkpoint, precision="fp32")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for leftover in (f".{out.name}.tmp-", f".{out.name}.old-"):  # of killed exports
-        remove_abandoned(out.parent, leftover)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = staging_directory(out)
     try:
         record = {"checkpoint": str(checkpoint), "method": config.method.name, "jointrag_version": __version__}
         record.update(export_system(system, tmp, merge=merge))
         write_json(tmp / MANIFEST, record)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
+        swap_in(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -132,6 +132,30 @@ def remove_abandoned(directory: Path, prefix: str) -> None:
                 entry.unlink(missing_ok=True)
 
 
+def staging_directory(out: Path) -> Path:
+    """A fresh, empty temporary sibling of `out` (`.NAME.tmp-PID`) to build a directory in before it is
+    moved into place; the temporaries and swapped-out copies (`.NAME.old-PID`) of killed processes go first."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in (f".{out.name}.tmp-", f".{out.name}.old-"):
+        remove_abandoned(out.parent, leftover)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
+
+
+def swap_in(new: Path, target: Path) -> None:
+    """Move the complete directory `new` into place as `target`: an existing `target` is renamed aside
+    first and removed after, so `target` is always one whole version, never a mix."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        target.rename(old)
+        new.rename(target)
+        shutil.rmtree(old)
+    else:
+        new.rename(target)
+
+
 def process_runs(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..data.corpus import ARROW_NAME, Corpus
 from ..errors import UserError
-from ..io import remove_abandoned
+from ..io import staging_directory, swap_in
 from ..memory import FLOAT32, Estimate, check_memory, gib
 from .encoders import BiEncoder
 from ..runtime import resolve_precision
@@ -324,15 +323,9 @@ def encode_corpus(
 
 def _replace_directory(new: Path, target: Path) -> None:
     """Move a complete build into place; an existing index there is swapped out, not overwritten."""
-    if target.exists():
-        if any(target.iterdir()) and not (target / MANIFEST).is_file():
-            raise UserError(f"{target} exists and is not an index directory; choose another --out")
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        target.rename(old)
-        new.rename(target)
-        shutil.rmtree(old)
-    else:
-        new.rename(target)
+    if target.exists() and any(target.iterdir()) and not (target / MANIFEST).is_file():
+        raise UserError(f"{target} exists and is not an index directory; choose another --out")
+    swap_in(new, target)
 
 
 def build_index(
@@ -376,12 +369,7 @@ def stage_build(passages: Iterable[Passage], out: Path, *, retriever: BiEncoder 
     check_setting_names(kind, params or {}, SETTINGS, "index setting")
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).is_file())):
         raise UserError(f"{out} exists and is not an index directory; choose another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for leftover in (f".{out.name}.tmp-", f".{out.name}.old-"):  # of killed builds
-        remove_abandoned(out.parent, leftover)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = staging_directory(out)
     try:
         corpus = Corpus.build(passages, tmp)
         dim = None if retriever is None else retriever.passage_encoder.dim
