@@ -508,17 +508,9 @@ def run_key(runs: Path, run: Path) -> str | None:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
+    from jointrag.io import whole_rows
+
+    return whole_rows(path)
 
 
 # --- running units -----------------------------------------------------------------------------------

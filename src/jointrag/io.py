@@ -58,6 +58,22 @@ def jsonl_records(
         yield line_no, value
 
 
+def whole_rows(path: Path) -> list[dict]:
+    """The JSON-object lines of a log that a killed writer may have left (none if there is no file): a
+    line cut short, or anything else that is not a whole object, is dropped, not an error."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
 def read_tensors(path: str | Path) -> Any:
     """The tensors and plain values of a file written by `torch.save`, on the CPU; a UserError for a file
     that holds anything else (a pickled object, whose loading could run code) or is damaged."""

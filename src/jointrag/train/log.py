@@ -13,7 +13,7 @@ import shutil
 import time
 from pathlib import Path
 
-from ..io import write_jsonl
+from ..io import whole_rows, write_jsonl
 
 LOG, TENSORBOARD = "metrics.jsonl", "tensorboard"
 
@@ -21,17 +21,7 @@ LOG, TENSORBOARD = "metrics.jsonl", "tensorboard"
 def kept_rows(path: Path, step: int) -> list[dict]:
     """The rows of the log at `path` logged at or before `step`; a line that is not a whole row (the one a
     kill cut short) is dropped."""
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
-            rows.append(row)
-    return rows
+    return [row for row in whole_rows(path) if isinstance(row.get("step"), int) and row["step"] <= step]
 
 
 class RunLog:
