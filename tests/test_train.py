@@ -72,6 +72,10 @@ def test_tiny_run(capsys, files, index_dir, tiny_dir, tmp_path, variant):
     assert (final["data"], final["index"], final["checkpoint"]) == (f"dev: {files['qa']}", index_dir, str(out / "checkpoint"))
     train = assert_complete_run(out, 2)
     check_method_lines(method, train)
+    last = [r for r in read_metrics(out) if r["split"] == "eval"][-1]  # the posterior's recall beside the prior's
+    posterior = {key for key in last if key.startswith("posterior_")}
+    assert posterior == ({"posterior_gold_recall@1", "posterior_gold_recall@3"} if method in ("vrag", "jsa") else set())
+    assert all(0 <= last[key] <= 100 for key in posterior)
     weights = weights_of(out)  # the trained parameters only
     assert any(k.startswith("retriever.query_encoder.") for k in weights)
     assert not any(k.startswith("retriever.passage_encoder.") for k in weights)
@@ -143,6 +147,21 @@ def test_passage_tower_trains_when_asked(files, index_dir, tiny_dir, tmp_path, m
     system = one_backward(files, index_dir, tiny_dir, tmp_path, method, "model.train_passage_tower=true").system
     assert reached(system, "retriever.passage_encoder.")
     assert reached(system, "retriever.query_encoder.") and reached(system, "generator.")
+
+
+def test_posterior_recall_searches_with_each_question_and_its_answer(files, index_dir, tiny_dir, tmp_path):
+    trainer = one_backward(files, index_dir, tiny_dir, tmp_path, "jsa")
+    system, asked = trainer.system, []
+    gold = {e.question: system.index.corpus.row_of(e.gold_ids[0]) for e in trainer.dev_examples}
+
+    def search_posterior(questions, answers, k):  # the gold passage, then padding; the prior's search is not
+        asked.extend(zip(questions, answers))  # involved: its gold recall on random towers is below 100
+        return np.array([[gold[q]] + [-1] * (k - 1) for q in questions])
+
+    system.search_posterior = search_posterior
+    k = trainer.config.eval.k
+    assert trainer.posterior_recall() == {"posterior_gold_recall@1": 100.0, f"posterior_gold_recall@{k}": 100.0}
+    assert asked == [(e.question, e.answers[0]) for e in trainer.dev_examples]
 
 
 @pytest.mark.parametrize("method", ["rag-token", "vrag"])

@@ -160,6 +160,12 @@ def evaluate_system(system, config: RunConfig, examples: list[Example]) -> tuple
     )
 
 
+def gold_recall(index: RetrievalIndex, rows: np.ndarray, examples: list[Example], k: int) -> float:
+    """Gold recall@k (%) of the corpus rows (B, >= k) retrieved for `examples`."""
+    ids = [[p.id for p in ps if p is not None] for ps in index.passages(rows)]
+    return 100 * qa_metrics.mean([qa_metrics.gold_recall_at_k(i, e.gold_ids, k) for i, e in zip(ids, examples)])
+
+
 class Trainer:
     def __init__(self, config: RunConfig):
         self.config = config
@@ -303,11 +309,7 @@ class Trainer:
         k = self.config.eval.k
 
         def recall(index) -> float:
-            if not probe:
-                return float("nan")
-            rows = index.search([e.question for e in probe], k)[1]
-            ids = [[p.id for p in ps if p is not None] for ps in index.passages(rows)]
-            return 100 * qa_metrics.mean([qa_metrics.gold_recall_at_k(i, e.gold_ids, k) for i, e in zip(ids, probe)])
+            return gold_recall(index, index.search([e.question for e in probe], k)[1], probe, k) if probe else float("nan")
 
         self.system.eval()
         stale = recall(old)
@@ -330,11 +332,26 @@ class Trainer:
                 self.sharded_generator.unshard()  # encoder-decoder's generate() runs its encoder outside the root's forward
             self.system.eval()
             _, result = evaluate_system(self.system, self.config, self.dev_examples)
+            if getattr(self.system, "posterior", None) is not None:
+                result.update(self.posterior_recall())
             self.system.train()
             values = {key: value for key, value in result.items() if isinstance(value, float) or key == "examples"} \
                 if distributed.is_main() else {}
         distributed.barrier()
         return values
+
+    def posterior_recall(self) -> dict[str, float]:
+        """Gold recall@1 and @k (eval.k) of the posterior retriever q(z|x,y), searched with each dev
+        question and its first answer, beside the prior's gold recall of the same evaluation: the
+        curves of both show whether the posterior finds the gold passage more often than the prior and
+        how the prior closes the gap (methods.md section 2). Questions without gold passages or an
+        answer are left out."""
+        probe = [e for e in self.dev_examples if e.gold_ids and e.answers and e.answers[0]]
+        if not probe:
+            return {}
+        k = self.config.eval.k
+        rows = self.system.search_posterior([e.question for e in probe], [e.answers[0] for e in probe], k)
+        return {f"posterior_gold_recall@{n}": gold_recall(self.system.index, rows, probe, n) for n in sorted({1, k})}
 
     def upcoming(self) -> list[Example]:
         """The examples the rest of the run will draw, in order (a copy of the sampler runs ahead)."""
