@@ -738,7 +738,8 @@ def summarise_training(unit: Unit, state: State) -> None:
             "loss_first_50": round(statistics.mean(r["loss"] for r in train[:50]), 4) if train else None,
             "loss_last_50": round(statistics.mean(r["loss"] for r in train[-50:]), 4) if train else None,
             "dev": [{k: v for k, v in r.items() if k not in ("split", "time")} for r in rows if r.get("split") == "eval"],
-            "staleness": [r["staleness"] for r in rows if "staleness" in r],
+            "staleness": [{k: v for k, v in r.items() if k == "step" or "recall" in k or k == "staleness"}
+                          for r in rows if "staleness" in r],
         })
     target = state.results / f"{unit.name}.json"
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -793,7 +794,51 @@ def report(plan: list[Unit], state: State) -> None:
                 stem.with_suffix(".txt").write_text(f"$ {command}\n\n{format_report(result)}\n", encoding="utf-8")
                 written.append(stem.with_suffix(".txt"))
     summary = write_summary(plan, state)
-    say(f"report: {len(written)} compare tables in {target}, summary in {summary}")
+    plots = plot_curves(plan, state)
+    say(f"report: {len(written)} compare tables in {target}, summary in {summary}"
+        + (f", curves in {', '.join(str(p) for p in plots)}" if plots else ""))
+
+
+def plot_curves(plan: list[Unit], state: State) -> list[Path]:
+    """--results/curves/<dataset>.png from the committed train.json files: per method, the dev gold
+    recall@k of the prior (solid) and of the posterior q(z|x,y) (dashed, VRAG and JSA) over training,
+    one colour per seed; the dev EM of every method; and where the passage tower trains, the index
+    staleness at each refresh (gold recall@k with the stale index minus with the fresh one)."""
+    from jointrag.evaluation.plot import plot_panels
+
+    by_dataset: dict[str, dict[str, list[tuple[str, list[dict], list[dict]]]]] = {}
+    for unit in plan:
+        summary = state.results / f"{unit.name}.json"
+        if unit.kind != "train" or not summary.is_file():
+            continue
+        stage = json.loads(summary.read_text(encoding="utf-8"))["stages"][0]
+        dataset, method, seed = unit.name.split("/")[:3]
+        by_dataset.setdefault(dataset, {}).setdefault(method, []).append((seed, stage["dev"], stage.get("staleness", [])))
+    written = []
+    for dataset, methods in by_dataset.items():
+        k = next((key.split("@")[1] for runs in methods.values() for _, dev, _ in runs for row in dev
+                  for key in row if key.startswith("gold_recall@") and key != "gold_recall@1"), "1")
+        panels = []
+        for method, runs in methods.items():
+            lines = []
+            for colour, (seed, dev, _) in zip(("C0", "C1", "C2", "C3", "C4"), runs):
+                for key, who, dash in ((f"gold_recall@{k}", "prior", "-"), (f"posterior_gold_recall@{k}", "posterior", "--")):
+                    points = [(r["step"], r[key]) for r in dev if key in r]
+                    if points:
+                        lines.append((f"{who} {seed}", [s for s, _ in points], [v for _, v in points],
+                                      {"color": colour, "linestyle": dash, "marker": "o", "markersize": 3}))
+            panels.append((f"{method}: gold recall@{k}", "%", lines))
+        panels.append(("dev EM", "%", [(f"{method} {seed}", [r["step"] for r in dev if "em" in r],
+                                        [r["em"] for r in dev if "em" in r], {"marker": "o", "markersize": 3})
+                                       for method, runs in methods.items() for seed, dev, _ in runs]))
+        stale = [(f"{method} {seed}", [r["step"] for r in rows], [r["staleness"] for r in rows], {"marker": "o"})
+                 for method, runs in methods.items() for seed, _, rows in runs if rows]
+        if stale:
+            panels.append((f"index staleness (recall@{k} stale - fresh)", "percentage points", stale))
+        questions = next((r["examples"] for runs in methods.values() for _, dev, _ in runs for r in dev if "examples" in r), "?")
+        written.append(plot_panels(state.results / "curves" / f"{dataset}.png", f"campaign {dataset}: curves over "
+                                   f"training ({questions} dev questions)", panels, columns=min(3, len(panels))))
+    return written
 
 
 SUMMARY_METRICS = ("em", "f1", "rouge_l", "gold_recall@1", "gold_recall@5", "bleu4", "knowledge_f1", "passages")

@@ -99,6 +99,8 @@ def test_the_whole_campaign_on_tiny_models_then_nothing_to_do(tiny, capsys):
     summary = json.loads((results / "squad" / "jsa-passage" / "s0" / "train.json").read_text())
     assert summary["stages"][0]["steps"] == 2 and summary["stages"][0]["key"] == "squad:jsa+passage"
     assert summary["stages"][0]["staleness"], "the passage tower's run refreshes its index at the end"
+    assert {"step", "staleness"} <= summary["stages"][0]["staleness"][-1].keys()
+    assert any(key.startswith("posterior_gold_recall@") for key in summary["stages"][0]["dev"][-1])
     radit = json.loads((results / "squad" / "ra-dit" / "train.json").read_text())
     assert [s["key"] for s in radit["stages"]] == ["squad:ra-dit-lm", "squad:ra-dit-lsr"]
     timings = [json.loads(line) for line in (results / "timings.jsonl").read_text().splitlines()]
@@ -119,6 +121,7 @@ def test_the_whole_campaign_on_tiny_models_then_nothing_to_do(tiny, capsys):
     text = (results / "compare" / "squad-test-main-vs-rag-sequence.txt").read_text()
     assert text.startswith("$ jointrag compare --reference rag-sequence ") and "W/T/L" in text
     assert "| jsa | 2 |" in (results / "summary.md").read_text()
+    assert (results / "curves" / "squad.png").stat().st_size > 0 and (results / "curves" / "dstc11.png").is_file()
 
     # everything done: a rerun runs nothing, and the dry run says so
     code, calls = tiny()

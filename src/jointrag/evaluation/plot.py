@@ -209,6 +209,11 @@ def plot_run(run_dir: Path | str) -> list[Path]:
     return [_save(figure, Path(run_dir) / "plots" / name) for name, figure in figures(run_dir).items()]
 
 
+def plot_panels(path: Path, title: str, panels: list[Panel], columns: int = 1) -> Path:
+    """Panels of lines `(title, y label, [(label, steps, values, style)])` over training steps, as a PNG."""
+    return _save(_figure(title, panels, columns), path)
+
+
 def plot_bars(path: Path, title: str, groups: dict[str, dict[str, float]]) -> Path:
     """Grouped bars: one group per metric, one bar per row of `groups` ({row: {metric: value}})."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
