@@ -735,6 +735,7 @@ def summarise_training(unit: Unit, state: State) -> None:
             "run": str(run.relative_to(state.runs)) if run.is_relative_to(state.runs) else str(run),
             "key": run_key(state.runs, run), "steps": max((r["step"] for r in train), default=0),
             "sec_per_step": round(statistics.median(seconds), 3) if seconds else None,
+            "train_seconds": round(sum(seconds)),  # the steps kept (a resumed run drops those after its checkpoint)
             "loss_first_50": round(statistics.mean(r["loss"] for r in train[:50]), 4) if train else None,
             "loss_last_50": round(statistics.mean(r["loss"] for r in train[-50:]), 4) if train else None,
             "dev": [{k: v for k, v in r.items() if k not in ("split", "time")} for r in rows if r.get("split") == "eval"],
@@ -770,7 +771,7 @@ def report(plan: list[Unit], state: State) -> None:
     from jointrag.evaluation.compare import compare, format_report
 
     target = state.results / "compare"
-    written = []
+    written, paired = [], []
     for (dataset, split), labels in eval_groups(plan, state).items():
         families: dict[str, list[str]] = {}
         for label, units in labels.items():
@@ -793,7 +794,8 @@ def report(plan: list[Unit], state: State) -> None:
                 command = "jointrag compare --reference " + reference + " " + " ".join(specs)
                 stem.with_suffix(".txt").write_text(f"$ {command}\n\n{format_report(result)}\n", encoding="utf-8")
                 written.append(stem.with_suffix(".txt"))
-    summary = write_summary(plan, state)
+                paired.append((dataset, split, family, command, result))
+    summary = write_summary(plan, state, paired)
     plots = plot_curves(plan, state)
     say(f"report: {len(written)} compare tables in {target}, summary in {summary}"
         + (f", curves in {', '.join(str(p) for p in plots)}" if plots else ""))
@@ -844,10 +846,67 @@ def plot_curves(plan: list[Unit], state: State) -> list[Path]:
 SUMMARY_METRICS = ("em", "f1", "rouge_l", "gold_recall@1", "gold_recall@5", "bleu4", "knowledge_f1", "passages")
 
 
-def write_summary(plan: list[Unit], state: State) -> Path:
-    lines = ["# Results campaign (issue 16): summary", "",
-             "Written by `scripts/campaign.py --report`; means ± standard deviation over the seeds done, percentages.",
-             "Paired comparisons (wins/ties/losses, sign test, bootstrap interval): `compare/*.txt`.", ""]
+PAIRED_METRICS = ("em", "f1", "gold_recall")  # the summary's paired rows; compare/*.txt hold every metric
+DOCS = ROOT / "docs" / "results.md"
+BLOCK = ("<!-- campaign tables: written by scripts/campaign.py --report -->", "<!-- end of campaign tables -->")
+
+
+def paired_table(result: dict) -> list[str]:
+    """One row per compared model and metric (EM, F1, gold recall at the largest cutoff) of a compare report."""
+    cutoffs = [m for m in result["metrics"] if m.startswith("gold_recall@")]
+    metrics = [m for m in result["metrics"] if m in PAIRED_METRICS[:2]] + cutoffs[-1:]
+    lines = [f"| model vs {result['reference']} | metric | {result['reference']} | model | diff | W/T/L | p | 95% CI |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for c in result["comparisons"]:
+        if c["metric"] in metrics:
+            lines.append(f"| {c['b']} | {c['metric']} | {_spread(c['mean_a'], c['std_a'])} | {_spread(c['mean_b'], c['std_b'])} "
+                         f"| {c['diff']:+.2f} | {c['wins']}/{c['ties']}/{c['losses']} | {c['p']:.3g} "
+                         f"| [{c['ci_low']:+.2f}, {c['ci_high']:+.2f}] |")
+    return lines
+
+
+def _spread(mean: float, std: float | None) -> str:
+    return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
+
+
+def training_table(plan: list[Unit], state: State) -> list[str]:
+    """Per training run done: its steps, median s/step, hours in its steps and the loss it went from and to."""
+    rows = []
+    for unit in plan:
+        summary = state.results / f"{unit.name}.json"
+        if unit.kind in ("train", "pipeline") and summary.is_file():
+            for stage in json.loads(summary.read_text(encoding="utf-8"))["stages"]:
+                hours = stage.get("train_seconds", 0) / 3600
+                rows.append(f"| {stage['run']} | {stage['steps']} | {stage['sec_per_step']} | {hours:.1f} "
+                            f"| {stage['loss_first_50']} | {stage['loss_last_50']} |")
+    if not rows:
+        return []
+    return ["| run | steps | s/step (median) | hours in steps | loss, first 50 steps | loss, last 50 steps |",
+            "|---|---:|---:|---:|---:|---:|", *rows, ""]
+
+
+def update_docs(body: list[str], docs: Path = DOCS) -> bool:
+    """Replace the text between docs/results.md's campaign markers with `body`; False without them."""
+    if not docs.is_file():
+        return False
+    text = docs.read_text(encoding="utf-8")
+    start, end = text.find(BLOCK[0]), text.find(BLOCK[1])
+    if start < 0 or end < start:
+        return False
+    head, tail = text[: start + len(BLOCK[0])], text[end:]
+    docs.write_text(head + "\n\n" + "\n".join(body).strip() + "\n\n" + tail, encoding="utf-8")
+    return True
+
+
+def write_summary(plan: list[Unit], state: State, paired: list = ()) -> Path:
+    """summary.md: per data set and split the means ± std over seeds, then the paired comparisons (EM,
+    F1, gold recall) against RAG-Sequence and the untrained pipeline with their commands, the training
+    runs' time, and the campaign's status. The same tables go into docs/results.md between its markers
+    when the results are this repository's (not a test's)."""
+    head = ["# Results campaign (issue 16): summary", "",
+            "Written by `scripts/campaign.py --report`; means ± standard deviation over the seeds done, percentages.",
+            "Every metric of every paired comparison: `compare/*.txt`.", ""]
+    lines = []
     for (dataset, split), labels in eval_groups(plan, state).items():
         rows = []
         for label, units in labels.items():
@@ -869,6 +928,13 @@ def write_summary(plan: list[Unit], state: State) -> Path:
                     cells.append(f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}")
             lines.append(f"| {label} | {len(metrics)} | {metrics[0].get('examples', '')} | " + " | ".join(cells) + " |")
         lines.append("")
+        for _, _, family, command, result in [p for p in paired if p[:2] == (dataset, split)]:
+            lines += [f"Paired, {dataset} {split} ({family} models), each model against {result['reference']} "
+                      "(sign test p, paired bootstrap interval of the difference in points):", "",
+                      *paired_table(result), "", f"    {command}", ""]
+    training = training_table(plan, state)
+    if training:
+        lines += ["## Training runs", "", *training]
     done = [u for u in plan if state.status(u)[0] == "done"]
     left = [u for u in plan if u not in done]
     lines += ["## Status", "", f"{len(done)} of {len(plan)} units done; {len(left)} left, "
@@ -876,7 +942,10 @@ def write_summary(plan: list[Unit], state: State) -> Path:
               "(`scripts/campaign.py --dry-run` lists them).", ""]
     path = state.results / "summary.md"
     state.results.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines), encoding="utf-8")
+    path.write_text("\n".join(head + lines), encoding="utf-8")
+    if state.results.resolve() == (ROOT / "results" / "campaign").resolve() and update_docs(
+            [line.replace("## ", "### ", 1) if line.startswith("## ") else line for line in lines]):
+        say(f"updated the campaign tables in {DOCS.relative_to(ROOT)}")
     return path
 
 
