@@ -120,7 +120,10 @@ def test_the_whole_campaign_on_tiny_models_then_nothing_to_do(tiny, capsys):
     assert report["reference"] == "rag-sequence" and {c["metric"] for c in report["comparisons"]} >= {"em", "f1"}
     text = (results / "compare" / "squad-test-main-vs-rag-sequence.txt").read_text()
     assert text.startswith("$ jointrag compare --reference rag-sequence ") and "W/T/L" in text
-    assert "| jsa | 2 |" in (results / "summary.md").read_text()
+    summary_text = (results / "summary.md").read_text()
+    assert "| jsa | 2 |" in summary_text and "## Training runs" in summary_text
+    assert "Paired, squad test (main models), each model against rag-sequence" in summary_text
+    assert "\n    jointrag compare --reference rag-sequence rag-sequence=" in summary_text
     assert (results / "curves" / "squad.png").stat().st_size > 0 and (results / "curves" / "dstc11.png").is_file()
 
     # everything done: a rerun runs nothing, and the dry run says so
@@ -291,3 +294,12 @@ def test_a_child_process_stopped_at_the_deadline_resumes_in_the_next_chunk(tmp_p
     assert done.returncode == 0, done.stderr
     assert f"resumes at step {step}/{step + 2}" in done.stdout
     assert torch.load(state, weights_only=True, mmap=True)["step"] == step + 2
+
+
+def test_the_docs_tables_replace_only_the_text_between_the_markers(driver, tmp_path):
+    docs = tmp_path / "results.md"
+    docs.write_text(f"before\n{driver.BLOCK[0]}\nold table\n{driver.BLOCK[1]}\nafter\n")
+    assert driver.update_docs(["### squad, test split", "new table"], docs)
+    assert docs.read_text() == f"before\n{driver.BLOCK[0]}\n\n### squad, test split\nnew table\n\n{driver.BLOCK[1]}\nafter\n"
+    docs.write_text("no markers\n")
+    assert not driver.update_docs(["new table"], docs) and docs.read_text() == "no markers\n"
