@@ -20,8 +20,9 @@ The plan (`build_plan`; seed 0 of every experiment first, then RA-DIT and BGM, t
 
 A unit is one `jointrag` command (or a data preparation step). It is done when its output is there: an
 evaluation's metrics.json (under --runs, or its copy under --results, which is committed), a
-training run's checkpoint at its last step (or all of its evaluations done). An interrupted training
-run continues with `--resume` from its last checkpoint (every 50 steps). After each evaluation its
+training run's checkpoint at its last step (or all of its evaluations done). A training run stopped
+at the deadline saves the step it is in (`jointrag train` on SIGINT) and the next chunk continues it
+with `--resume`; one that died continues from its last checkpoint (every 50 steps). After each evaluation its
 metrics.json and a trimmed predictions.jsonl (the fields `jointrag compare` reads, the answer, the
 passage ids) are copied to --results/<unit>/; after each training run a summary (train.json: s/step,
 losses, dev metrics). The estimate per unit uses this campaign's own measured s/step (the median
@@ -29,9 +30,9 @@ losses, dev metrics). The estimate per unit uses this campaign's own measured s/
 evaluations' timings.jsonl); until a figure is measured, the one in FALLBACK below (with its source).
 
 `--budget-minutes N` ends the chunk by N minutes: a unit starts only if it is expected to finish in
-the time left, except a training run, which starts if it can reach its next checkpoint (it resumes
-in the next chunk); a unit still running at the deadline is interrupted (a training run keeps its
-last checkpoint). Units that do not fit are left for the next chunk, and later ones that fit still run.
+the time left, except a training run, which starts if it can load and take a few steps (it resumes
+in the next chunk); a unit still running at the deadline is interrupted (a training run saves the step
+it is in). Units that do not fit are left for the next chunk, and later ones that fit still run.
 
 Settings: `--set KEY=VALUE` applies to every training run of the campaign, after its recipe (and
 reaches the evaluations through it: data files, index, generator, eval.k, eval.max_new_tokens);
@@ -61,6 +62,7 @@ SQUAD_METHODS = ("rag-sequence", "rag-token", "vrag", "jsa")
 DIALOG_METHODS = ("rag-sequence", "jsa")
 DEV_FRACTION = 0.1  # of DSTC11's training dialogs, held out as its dev split
 RETRIES = 3  # times a training process that died after saving a new checkpoint is resumed in a new one
+STEPS_WORTH_STARTING = 5  # a training run starts in a chunk only if it can load and take this many steps
 
 # Figures used until this campaign has measured its own: seconds per training step, questions per second
 # of an evaluation (after its start-up), start-up seconds of a command (models and index loading).
@@ -478,11 +480,10 @@ class State:
         return evaluations * (c.eval.limit or 100) / qps
 
     def checkpoint_seconds(self, unit: Unit) -> float:
-        """Seconds a training unit needs to reach its next checkpoint (or its end)."""
-        c = unit.config
+        """Seconds a training unit needs to be worth starting: its start-up and STEPS_WORTH_STARTING steps
+        (or its end). Interrupted at the deadline, it saves the step it is in."""
         sps, _ = self.step_seconds(unit.key if unit.kind == "train" else f"{unit.key.split(':', 1)[0]}:ra-dit-lm")
-        every = c.train.save_every or c.train.steps
-        return self.startup(unit.kind) + every * sps
+        return self.startup(unit.kind) + min(STEPS_WORTH_STARTING, unit.config.train.steps) * sps
 
 
 def refresh_due(schedule: str, step: int) -> bool:
@@ -535,7 +536,7 @@ def run_jointrag(argv: list[str], opts, deadline: float | None) -> int:
             say(f"the budget is spent: interrupting {child.pid}")
             return stop(child)
     except KeyboardInterrupt:
-        say("interrupted: stopping the running unit (a training run keeps its last checkpoint)")
+        say("interrupted: stopping the running unit (a training run saves the step it is in)")
         stop(child)
         raise
 
@@ -591,7 +592,7 @@ class Runner:
         if estimate <= left:
             return True, ""
         if unit.kind in ("train", "pipeline") and self.state.checkpoint_seconds(unit) <= left:
-            return True, "it will stop at the deadline and resume from its last checkpoint in the next chunk"
+            return True, "it will stop at the deadline, saving the step it is in, and resume in the next chunk"
         return False, f"needs ~{duration(estimate)}, {duration(left)} left"
 
     def sync(self) -> None:
@@ -658,7 +659,7 @@ class Runner:
         if code != 0:
             if self.deadline is not None and clock() >= self.deadline:
                 say(f"{unit.name} stopped at the deadline after {duration(seconds)}" +
-                    (" (it resumes from its last checkpoint)" if unit.kind in ("train", "pipeline") else ""))
+                    (" (it resumes from the step it saved)" if unit.kind in ("train", "pipeline") else ""))
             else:
                 say(f"FAILED: {unit.name} (exit status {code}) after {duration(seconds)}; its dependents wait")
                 self.state.failed.add(unit.name)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -123,14 +124,16 @@ def assert_resumes_on_the_same_trajectory(
     interrupt: tuple[type, int] | None = None,
     saved_step: int = 2,
     saved: Callable[[dict], object] | None = None,
+    signal_number: int | None = None,
 ) -> Path:
     """Train 4 steps straight in `root/straight`, and 4 steps in two parts in `root/resumed`, then
     `assert_same_trajectory`; returns the resumed run directory.
 
     `argv(out, steps)` is the `jointrag train` command line of a run. The first part is a 2-step run,
     which `--resume` with 4 steps then extends; or, with `interrupt=(objective class, n)`, a 4-step run
-    interrupted (exit status 130) by a KeyboardInterrupt raised in the n-th call of that objective.
-    Either leaves the checkpoint of step `saved_step`; `saved(trainer state)` must be true of it.
+    interrupted (exit status 130) by a KeyboardInterrupt raised in the n-th call of that objective, or
+    with `signal_number` by that signal sent to this process in that call. Either leaves the checkpoint
+    of step `saved_step`; `saved(trainer state)` must be true of it.
     """
     straight, resumed = root / "straight", root / "resumed"
     assert main(argv(straight, 4)) == 0
@@ -143,7 +146,9 @@ def assert_resumes_on_the_same_trajectory(
         def interrupted(self, system, batch):
             calls.append(1)
             if len(calls) == stop_at:
-                raise KeyboardInterrupt
+                if signal_number is None:
+                    raise KeyboardInterrupt
+                os.kill(os.getpid(), signal_number)
             return original(self, system, batch)
 
         with pytest.MonkeyPatch.context() as patch:

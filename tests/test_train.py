@@ -203,6 +203,23 @@ def test_resume_after_an_interruption_on_the_same_trajectory(files, index_dir, t
     )
 
 
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
+def test_a_signal_saves_the_step_in_progress_and_resume_continues_it(files, index_dir, tiny_dir, tmp_path, signal_name):
+    """Ctrl-C or a scheduler's SIGTERM in step 3 of 4 (checkpoints every 2 steps): the step finishes, a
+    checkpoint of step 3 is written and the run stops (130); resumed, it equals 4 steps straight."""
+    import signal
+
+    from jointrag.methods.jsa import JSA
+
+    settings = ("train.save_every=2", "train.warmup_steps=1")
+    resumed = assert_resumes_on_the_same_trajectory(
+        tmp_path, lambda out, steps: train_argv(files, index_dir, tiny_dir, out, "jsa", steps, *settings),
+        interrupt=(JSA, 3), saved_step=3, signal_number=getattr(signal, signal_name),
+    )
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are put back
+    assert [r["step"] for r in read_metrics(resumed) if r["split"] == "train"] == [1, 2, 3, 4]
+
+
 def test_extending_a_run_resumes_at_the_rate_of_the_new_schedule(jsa_run):
     """`--resume --steps 4` after a finished 2-step run: step 3 runs at the 4-step schedule's rate."""
     from jointrag.config import load_config

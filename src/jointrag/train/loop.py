@@ -28,7 +28,9 @@ from __future__ import annotations
 import math
 import random
 import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -164,6 +166,38 @@ def gold_recall(index: RetrievalIndex, rows: np.ndarray, examples: list[Example]
     """Gold recall@k (%) of the corpus rows (B, >= k) retrieved for `examples`."""
     ids = [[p.id for p in ps if p is not None] for ps in index.passages(rows)]
     return 100 * qa_metrics.mean([qa_metrics.gold_recall_at_k(i, e.gold_ids, k) for i, e in zip(ids, examples)])
+
+
+class StopRequest:
+    """SIGINT (Ctrl-C) or SIGTERM (a scheduler's, or a campaign's deadline) while training: the first asks
+    the loop to finish the step in progress, save a checkpoint and stop, so that `--resume` loses
+    nothing; a second stops at once (KeyboardInterrupt), keeping the last checkpoint. Under torchrun
+    every rank stops at the first step at which any rank was asked to. Only the main thread can take
+    signals: training started from another thread stops as before."""
+
+    def __init__(self):
+        self.signal: str | None = None
+        self.previous: dict = {}
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def handle(self, signum, frame) -> None:
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+        print(f"\njointrag: {self.signal}: saving a checkpoint after this step, then stopping (send it again to stop "
+              "at once, keeping the last checkpoint)", file=sys.stderr, flush=True)
+
+    def due(self) -> bool:
+        asked = self.signal is not None
+        return any(distributed.all_gather(asked)) if distributed.world_size() > 1 else asked
 
 
 class Trainer:
@@ -419,7 +453,7 @@ class Trainer:
         # the bar is closed on errors too, so an error message never lands on the bar's line
         bar = tqdm(total=c.steps, initial=self.step, unit="step", desc=f"training {self.config.method.name}",
                    dynamic_ncols=True, disable=not main)
-        with bar:
+        with bar, StopRequest() as stop:
             while self.step < c.steps:
                 try:
                     step_metrics = self.train_step()
@@ -431,7 +465,8 @@ class Trainer:
                     pending.setdefault(key, []).append(value)
                 bar.update(1)
                 bar.set_postfix(loss=f"{np.mean(pending['loss']):.3f}")
-                if self.step % c.log_every == 0 or self.step == c.steps:
+                stopping = self.step < c.steps and stop.due()
+                if self.step % c.log_every == 0 or self.step == c.steps or stopping:
                     values = distributed.mean_over_ranks({key: float(np.mean(v)) for key, v in pending.items()})
                     values.update({f"lr_{g['name']}": g["lr"] for g in self.optimizer.param_groups})
                     record("train", values)
@@ -440,8 +475,17 @@ class Trainer:
                     record("train", self.refresh_index())
                 if c.eval_every and self.step % c.eval_every == 0 and self.step < c.steps:
                     record("eval", self.evaluate())
-                if c.save_every and self.step % c.save_every == 0 and self.step < c.steps:
+                saved = c.save_every and self.step % c.save_every == 0 and self.step < c.steps
+                if saved:
                     self.save()
+                if stopping:
+                    if not saved:
+                        self.save()
+                    if main:
+                        log.close()
+                        print(f"jointrag: stopped at step {self.step} of {c.steps}; {self.out / CHECKPOINT} holds it: "
+                              "--resume continues the run", file=sys.stderr)
+                    raise KeyboardInterrupt
         if self.refresh and not refresh_due(self.refresh, self.step):
             record("train", self.refresh_index())  # the saved index matches the saved passage tower
         final = self.evaluate()
