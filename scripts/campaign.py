@@ -1052,7 +1052,11 @@ def main(argv: list[str] | None = None) -> int:
         print_plan(plan, state, runner)
         if opts.dry_run:
             return 0
-        code = runner.run()
+        try:
+            code = runner.run()
+        except KeyboardInterrupt:
+            say("interrupted; what is done so far is reported below")
+            code = 130
         report(plan, state)
         left = [u for u in plan if runner.selected(u) and state.status(u)[0] != "done"]
         say(f"{'finished' if not left else f'{len(left)} selected units left'}; commit {state.results} "
