@@ -33,30 +33,29 @@ WORKER = textwrap.dedent(
     from pathlib import Path
 
     import numpy as np
-    import torch.distributed as dist
 
     from jointrag.data.corpus import Corpus
+    from jointrag.distributed import process_group, rank as rank_of
     from jointrag.retrieval.sharded import ShardedIndex
     from jointrag.retrieval.encoders import load_retriever
 
     work, encoder = Path(sys.argv[1]), sys.argv[2]
-    dist.init_process_group("gloo")
-    rank = dist.get_rank()
-    data = np.load(work / "vectors.npz")
-    mine = data["queries"][:3] if rank == 0 else data["queries"][3:]  # 3 and 2 queries
-    results = {}
-    for kind in ("exact", "flat"):
-        index = ShardedIndex(data["corpus"][[0, 6][rank] : [6, 11][rank]], range([0, 6][rank], [6, 11][rank]), 11, kind)
-        for k in (1, 3, 6, 20):
-            results[f"{kind}-{k}-scores"], results[f"{kind}-{k}-rows"] = index.search(mine, k)
-    retriever = load_retriever(encoder)
-    queries = np.load(work / "queries.npy")[rank::2]
-    for name, index in (("encode", ShardedIndex.encode(retriever, Corpus.open(work / "index"), batch_size=1)),
-                        ("open", ShardedIndex.open(work / "index", retriever))):
-        for k in (3, 6, 9):
-            results[f"{name}-{k}-scores"], results[f"{name}-{k}-rows"] = index.search(queries, k)
-    np.savez(work / f"rank{rank}.npz", **results)
-    dist.destroy_process_group()
+    with process_group(timeout_s=120):  # the CLI's own set-up and teardown
+        rank = rank_of()
+        data = np.load(work / "vectors.npz")
+        mine = data["queries"][:3] if rank == 0 else data["queries"][3:]  # 3 and 2 queries
+        results = {}
+        for kind in ("exact", "flat"):
+            index = ShardedIndex(data["corpus"][[0, 6][rank] : [6, 11][rank]], range([0, 6][rank], [6, 11][rank]), 11, kind)
+            for k in (1, 3, 6, 20):
+                results[f"{kind}-{k}-scores"], results[f"{kind}-{k}-rows"] = index.search(mine, k)
+        retriever = load_retriever(encoder)
+        queries = np.load(work / "queries.npy")[rank::2]
+        for name, index in (("encode", ShardedIndex.encode(retriever, Corpus.open(work / "index"), batch_size=1)),
+                            ("open", ShardedIndex.open(work / "index", retriever))):
+            for k in (3, 6, 9):
+                results[f"{name}-{k}-scores"], results[f"{name}-{k}-rows"] = index.search(queries, k)
+        np.savez(work / f"rank{rank}.npz", **results)
     """
 )
 

@@ -67,6 +67,7 @@ def process_group(timeout_s: int):
     dist.init_process_group("nccl" if use_cuda() else "gloo", timeout=timedelta(seconds=timeout_s))
     try:
         yield
+        dist.barrier()  # no rank tears its connections down while another still talks to it
     finally:
         dist.destroy_process_group()
 
