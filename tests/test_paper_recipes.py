@@ -90,10 +90,6 @@ def test_the_dpr_setting_has_its_two_towers_from_two_checkpoints(capsys, monkeyp
     """DPR's question and context encoders are two checkpoints: the index is built with the context
     encoder, and the recipe's model.retriever names the question encoder, whose jointrag.json names the
     context encoder as its passage tower (docs/paper-scale.md)."""
-    from jointrag.retrieval import encoders
-
-    if not hasattr(encoders, "paired_passage_tower"):
-        pytest.skip("this jointrag does not read a query tower's jointrag.json yet (the `jointrag export` work)")
     monkeypatch.chdir(ROOT)
     ctx, question = tmp_path / "models" / "dpr-ctx", tmp_path / "models" / "dpr-question"
     shutil.copytree(tiny_dir / "encoder", ctx)
