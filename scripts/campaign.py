@@ -6,7 +6,8 @@
     .venv/bin/python scripts/campaign.py --only 'squad/jsa/*'     # only the units whose name matches
     .venv/bin/python scripts/campaign.py --report                 # compare tables and summary of what is done
 
-The plan (`build_plan`; seed 0 of every experiment first, then RA-DIT and BGM, then seeds 1 and 2):
+The plan (`build_plan`; seed 0 of every experiment first, then RA-DIT and BGM, then seeds 1 and 2 of
+the four SQuAD methods, last those of DSTC11 and the passage tower):
 - squad: the untrained pipeline (`jointrag eval` without a checkpoint) on the test and dev splits;
   RAG-Sequence, RAG-Token, VRAG and JSA-RAG (configs/campaign/*.yaml: one full pass over the 3,642
   training questions, 911 steps of 4), seeds 0, 1, 2, each evaluated on all 672 test and 647 dev
@@ -220,7 +221,8 @@ def _embedded_count(split: str) -> int:
 
 def build_plan(opts) -> list[Unit]:
     """The campaign's units in the order they run: seed 0 of every experiment first (so that each has a
-    result early), RA-DIT and BGM (one seed), then the other seeds."""
+    result early), RA-DIT and BGM (one seed), then the other seeds of the four SQuAD methods (the seeds the
+    issue asks for), then those of DSTC11 and of the passage tower."""
     plan = Plan(opts)
     runs = plan.runs
     seeds = [int(s) for s in opts.seeds.split(",") if s.strip()]
@@ -244,10 +246,12 @@ def build_plan(opts) -> list[Unit]:
                               "model.template=configs/templates/dialog.yaml", "eval.max_new_tokens=40", "eval.k=10"])
     ready = tuple(u.name for u in prep)
 
-    def one_seed(seed: int) -> None:
+    def squad_methods(seed: int) -> None:
         for method in SQUAD_METHODS:
             trained = plan.train(squad, f"squad/{method}/s{seed}", f"{method}.yaml", seed)
             plan.evaluate_run(squad, trained, f"squad/{method}/s{seed}", family="main", label=method)
+
+    def dialog_and_passage_tower(seed: int) -> None:
         if seed == seeds[0]:
             for unit in prep:
                 plan.add(unit)
@@ -262,7 +266,8 @@ def build_plan(opts) -> list[Unit]:
         trained = plan.train(squad, f"squad/jsa-passage/s{seed}", "jsa-passage.yaml", seed)
         plan.evaluate_run(squad, trained, f"squad/jsa-passage/s{seed}", family="main", label="jsa-passage")
 
-    one_seed(seeds[0])
+    squad_methods(seeds[0])
+    dialog_and_passage_tower(seeds[0])
 
     # RA-DIT: both stages and the combined model (the pipeline), then its four models, top-1 and ensemble
     radit = plan.train(squad, "squad/ra-dit", "ra-dit.yaml", seeds[0])
@@ -287,7 +292,9 @@ def build_plan(opts) -> list[Unit]:
                           rate="bridge")
 
     for seed in seeds[1:]:
-        one_seed(seed)
+        squad_methods(seed)
+    for seed in seeds[1:]:
+        dialog_and_passage_tower(seed)
     return order(plan.units)
 
 
@@ -403,8 +410,8 @@ class State:
                 if stage.get("sec_per_step") and not (self.runs / stage["run"] / "metrics.jsonl").is_file():
                     per_key.setdefault(stage["key"], []).append(stage["sec_per_step"])
         self.sec_per_step = {key: statistics.median(values) for key, values in per_key.items()}
-        # FALLBACK's step times come from one machine: scale the unmeasured ones by how this campaign's
-        # measured steps compare with theirs (about 2 on a CPU without AMX)
+        # FALLBACK's figures come from one machine: scale the unmeasured ones by how this campaign's
+        # measured steps compare with FALLBACK's (about 2 on a CPU without AMX)
         ratios = [seconds / FALLBACK["sec_per_step"][key] for key, seconds in self.sec_per_step.items()
                   if key in FALLBACK["sec_per_step"]]
         self.step_scale = statistics.median(ratios) if ratios else 1.0
@@ -427,8 +434,11 @@ class State:
             return self.sec_per_step[key], "measured"
         method = key.split(":", 1)[1]
         fallback = FALLBACK["sec_per_step"]
-        seconds = fallback.get(key, fallback.get(f"squad:{method}", 10.0))
-        if abs(self.step_scale - 1) < 0.05:
+        return self.fallback_seconds(fallback.get(key, fallback.get(f"squad:{method}", 10.0)))
+
+    def fallback_seconds(self, seconds: float) -> tuple[float, str]:
+        """A FALLBACK duration on this machine: scaled by how the measured steps compare with FALLBACK's."""
+        if self.step_scale == 1.0:
             return seconds, "fallback"
         return seconds * self.step_scale, f"fallback x{self.step_scale:.2f}, as the measured steps"
 
@@ -437,7 +447,8 @@ class State:
             return self.opts.questions_per_second, "--questions-per-second"
         if key in self.questions_per_sec:
             return self.questions_per_sec[key], "measured"
-        return FALLBACK["questions_per_sec"].get(key, 2.0), "fallback"
+        seconds, source = self.fallback_seconds(1 / FALLBACK["questions_per_sec"].get(key, 2.0))
+        return 1 / seconds, source
 
     # the estimate of a unit's remaining time
 
@@ -451,8 +462,11 @@ class State:
             if unit.key == "dstc11:index":
                 corpus = Path(unit.argv[unit.argv.index("--corpus") + 1])
                 count = _lines(corpus) if corpus.is_file() else QUESTIONS["dstc11:corpus"]
-                rate = self.opts.questions_per_second or FALLBACK["passages_per_sec"]
-                return self.startup("prep") + count / rate, f"{count} passages at {rate:g}/s"
+                if self.opts.questions_per_second:
+                    seconds, source = 1 / self.opts.questions_per_second, "--questions-per-second"
+                else:
+                    seconds, source = self.fallback_seconds(1 / FALLBACK["passages_per_sec"])
+                return self.startup("prep") + count * seconds, f"{count} passages at {1 / seconds:.1f}/s ({source})"
             return self.startup("prep"), "start-up"
         c = unit.config
         if unit.kind == "pipeline":
@@ -472,14 +486,16 @@ class State:
         how = f"{left} steps x {sps:.1f} s ({source})"
         if c.model.train_passage_tower:
             refreshes = sum(1 for step in range(c.train.steps - left + 1, c.train.steps + 1) if refresh_due(c.model.refresh, step)) + 1
-            total += refreshes * (self.opts.startup_seconds if self.opts.startup_seconds is not None else FALLBACK["refresh_seconds"])
+            total += refreshes * (self.opts.startup_seconds if self.opts.startup_seconds is not None
+                                  else self.fallback_seconds(FALLBACK["refresh_seconds"])[0])
             how += f", {refreshes} index refreshes"
         if c.method.name == "bgm-sl":
             found = len(read_jsonl(Path(c.bgm.silver))) if c.bgm.silver else 0
             questions = max(0, left * c.train.batch_size * c.train.grad_accum - found)
-            per = self.opts.sec_per_step if self.opts.sec_per_step is not None else FALLBACK["silver_sec_per_question"]
+            per, source = ((self.opts.sec_per_step, "--sec-per-step") if self.opts.sec_per_step is not None
+                           else self.fallback_seconds(FALLBACK["silver_sec_per_question"]))
             total += questions * per
-            how += f", silver search for {questions} questions x {per:g} s"
+            how += f", silver search for {questions} questions x {per:.1f} s ({source})"
         return total, how
 
     def dev_seconds(self, unit: Unit, evaluations: int) -> float:

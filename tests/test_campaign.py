@@ -303,3 +303,24 @@ def test_the_docs_tables_replace_only_the_text_between_the_markers(driver, tmp_p
     assert docs.read_text() == f"before\n{driver.BLOCK[0]}\n\n### squad, test split\nnew table\n\n{driver.BLOCK[1]}\nafter\n"
     docs.write_text("no markers\n")
     assert not driver.update_docs(["new table"], docs) and docs.read_text() == "no markers\n"
+
+
+def test_unmeasured_figures_are_scaled_as_the_measured_steps(driver, tmp_path):
+    """On a machine whose measured steps take twice FALLBACK's, every unmeasured figure of the estimate
+    (steps of other methods, evaluation rates, BGM's silver search) is taken as twice as slow, and says so."""
+    runs = tmp_path / "runs"
+    opts = driver.parse_args(["--runs", str(runs), "--results", str(tmp_path / "results")])
+    run = runs / "squad" / "rag-sequence" / "s0"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("method:\n  name: rag-sequence\n")
+    seconds = 2 * driver.FALLBACK["sec_per_step"]["squad:rag-sequence"]
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "split": "train", "sec_per_step": seconds}) + "\n"
+                                               for s in range(3)))
+    state = driver.State(driver.build_plan(opts), opts)
+    assert state.step_seconds("squad:rag-sequence") == (seconds, "measured")
+    jsa, source = state.step_seconds("squad:jsa")
+    assert jsa == pytest.approx(2 * driver.FALLBACK["sec_per_step"]["squad:jsa"]) and source == "fallback x2.00, as the measured steps"
+    rate, source = state.rate("squad:top5")
+    assert rate == pytest.approx(driver.FALLBACK["questions_per_sec"]["squad:top5"] / 2) and "x2.00" in source
+    _, how = state.estimate(state.by_name["squad/bgm/sl/train"])
+    assert f"x {2 * driver.FALLBACK['silver_sec_per_question']:.1f} s (fallback x2.00" in how
