@@ -289,7 +289,7 @@ def test_a_child_process_stopped_at_the_deadline_resumes_in_the_next_chunk(tmp_p
     assert "stopped at the deadline" in done.stdout, done.stdout
     state = tmp_path / "runs" / "squad" / "rag-sequence" / "s0" / "checkpoint" / "trainer.pt"
     step = torch.load(state, weights_only=True, mmap=True)["step"]
-    assert 2 <= step < 100000 and step % 2 == 0
+    assert 1 <= step < 100000  # the step it was in at the deadline, not only a save_every multiple
     done = chunk("--set", f"train.steps={step + 2}")
     assert done.returncode == 0, done.stderr
     assert f"resumes at step {step}/{step + 2}" in done.stdout
