@@ -35,6 +35,13 @@ the time left, except a training run, which starts if it can load and take a few
 in the next chunk); a unit still running at the deadline is interrupted (a training run saves the step
 it is in). Units that do not fit are left for the next chunk, and later ones that fit still run.
 
+Precision: every unit runs at one precision, `--precision` (bf16 or fp32), recorded in
+--results/campaign.json when the first unit is recorded; a later chunk takes it from there and refuses
+another (its runs would not pair with the earlier ones: use other --runs and --results). Training runs
+get `train.precision`, the untrained pipeline's evaluations and the DSTC11 index `--precision`, and the
+trained models' evaluations follow their runs. bf16 runs only where it is fast (a CPU with AVX512-BF16
+or AMX, or a GPU with bf16): elsewhere it is emulated, and the campaign refuses to start.
+
 Settings: `--set KEY=VALUE` applies to every training run of the campaign, after its recipe (and
 reaches the evaluations through it: data files, index, generator, eval.k, eval.max_new_tokens);
 `--set GROUP:KEY=VALUE` to one group's (squad or dstc11), after the group's own settings. With
@@ -64,6 +71,7 @@ DIALOG_METHODS = ("rag-sequence", "jsa")
 DEV_FRACTION = 0.1  # of DSTC11's training dialogs, held out as its dev split
 RETRIES = 3  # times a training process that died after saving a new checkpoint is resumed in a new one
 STEPS_WORTH_STARTING = 5  # a training run starts in a chunk only if it can load and take this many steps
+PRECISIONS = ("bf16", "fp32")  # of every unit; a new campaign's default is the first
 
 # Figures used until this campaign has measured its own: seconds per training step, questions per second
 # of an evaluation (after its start-up), start-up seconds of a command (models and index loading).
@@ -134,7 +142,7 @@ class Plan:
         self.opts = opts
         self.runs, self.results = Path(opts.runs), Path(opts.results)
         self.units: list[Unit] = []
-        self.global_sets = [s for s in opts.set if not _scoped(s)]
+        self.global_sets = [f"train.precision={opts.precision}", *(s for s in opts.set if not _scoped(s))]
         self.scoped = [s for s in opts.set if _scoped(s)]
 
     # settings
@@ -195,7 +203,8 @@ class Plan:
         m = config.model
         options = [("--index", m.index), ("--retriever", m.retriever), ("--generator", m.generator),
                    ("--template", template or m.template)]
-        return [a for flag, value in options if value for a in (flag, str(value))] + (["--chat"] if m.chat else [])
+        return ([a for flag, value in options if value for a in (flag, str(value))] + (["--chat"] if m.chat else [])
+                + ["--precision", self.opts.precision])
 
 
 def _scoped(setting: str) -> bool:
@@ -223,6 +232,7 @@ def build_plan(opts) -> list[Unit]:
     """The campaign's units in the order they run: seed 0 of every experiment first (so that each has a
     result early), RA-DIT and BGM (one seed), then the other seeds of the four SQuAD methods (the seeds the
     issue asks for), then those of DSTC11 and of the passage tower."""
+    choose_precision(opts)
     plan = Plan(opts)
     runs = plan.runs
     seeds = [int(s) for s in opts.seeds.split(",") if s.strip()]
@@ -239,7 +249,8 @@ def build_plan(opts) -> list[Unit]:
                                               "--out", str(converted), "--json"],
                  marker=data / "dev.jsonl", prepare=lambda: split_dev(converted, data)),
             Unit("dstc11/prep/index", "prep", ["index", "--corpus", str(converted / "corpus.jsonl"), "--out", str(index),
-                                               *(["--retriever", opts.retriever] if opts.retriever else []), "--json"],
+                                               *(["--retriever", opts.retriever] if opts.retriever else []),
+                                               "--precision", opts.precision, "--json"],
                  needs=("dstc11/prep/data",), marker=index / "manifest.json", key="dstc11:index")]
     dialog = Group("dstc11", [f"data.train={data / 'train.jsonl'}", f"data.dev={data / 'dev.jsonl'}",
                               f"data.test={converted / 'test.jsonl'}", f"model.index={index}",
@@ -324,6 +335,49 @@ def split_dev(converted: Path, data: Path) -> None:
     train, dev = split_by_dialog(load_examples(converted / "train.jsonl"), DEV_FRACTION, seed=0)
     save_examples(data / "train.jsonl", train)
     save_examples(data / "dev.jsonl", dev)  # the marker: written last
+
+
+# --- precision: one for the whole campaign -----------------------------------------------------------
+
+
+def choose_precision(opts) -> None:
+    """Set opts.precision: --precision, else the one --results/campaign.json records, else bf16, and
+    opts.recorded: whether that file exists. A UserError for a --precision other than the recorded one, or
+    for `--set train.precision`, which would reach the training runs only."""
+    from jointrag.errors import UserError
+
+    if any(s.split(":", 1)[-1].split("=", 1)[0] == "train.precision" for s in opts.set):
+        raise UserError("set the campaign's precision with --precision, not --set train.precision: the untrained "
+                        "pipeline's evaluations and the DSTC11 index follow --precision too")
+    record = Path(opts.results) / "campaign.json"
+    recorded = None
+    if record.is_file():
+        try:
+            recorded = json.loads(record.read_text(encoding="utf-8"))["precision"]
+        except (ValueError, KeyError, TypeError) as error:
+            raise UserError(f"{record}: not a campaign record with a 'precision' field ({error})") from None
+        if recorded not in PRECISIONS:
+            raise UserError(f"{record}: field 'precision' is {recorded!r}, not one of {', '.join(PRECISIONS)}")
+    if opts.precision is not None and recorded is not None and opts.precision != recorded:
+        raise UserError(f"--precision {opts.precision}: the units in {opts.results} ran at {recorded} ({record}), and runs "
+                        f"at {opts.precision} would not pair with them; give another --results and --runs to start a "
+                        f"campaign at {opts.precision}")
+    opts.precision, opts.recorded = opts.precision or recorded or PRECISIONS[0], recorded is not None
+
+
+def slow_precision(precision: str) -> str | None:
+    """Why this machine should not run units at `precision` (bf16 emulated, many times slower), or None."""
+    if precision != "bf16":
+        return None
+    import torch
+    from jointrag.runtime import bf16_supported, use_cuda
+
+    device = torch.device("cuda" if use_cuda() else "cpu")
+    if bf16_supported(device):
+        return None
+    return (f"this campaign runs at bf16 (--precision), which this machine's {device.type} does not run fast (bf16 "
+            "matrix math needs AVX512-BF16 or AMX on a CPU, or a GPU with bf16): run it on such a machine, or start "
+            "another campaign with --precision fp32 and other --runs and --results")
 
 
 # --- state: what is done, how far a training run got -----------------------------------------------
@@ -709,7 +763,8 @@ class Runner:
         elif unit.kind in ("train", "pipeline"):
             summarise_training(unit, self.state)
         row = {"unit": unit.name, "kind": unit.kind, "key": unit.key, "seconds": round(seconds, 1),
-               "questions": unit.questions if unit.kind == "eval" else None, "time": round(time.time())}
+               "questions": unit.questions if unit.kind == "eval" else None, "time": round(time.time()),
+               "precision": self.opts.precision}
         if unit.kind == "eval" and unit.data is not None and unit.data.is_file():
             row["questions"] = _lines(unit.data)
         with open(results / "timings.jsonl", "a", encoding="utf-8") as f:
@@ -771,7 +826,8 @@ def summarise_training(unit: Unit, state: State) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     recipe = unit.argv[unit.argv.index("--config") + 1]
     settings = [a for previous, a in zip(unit.argv, unit.argv[1:]) if previous == "--set"]
-    target.write_text(json.dumps({"unit": unit.name, "recipe": recipe, "settings": settings, "stages": stages}, indent=1) + "\n",
+    target.write_text(json.dumps({"unit": unit.name, "recipe": recipe, "settings": settings,
+                                  "precision": state.opts.precision, "stages": stages}, indent=1) + "\n",
                       encoding="utf-8")
 
 
@@ -1034,6 +1090,8 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--only", action="append", default=[], metavar="PATTERN",
                    help="units whose name matches (a glob such as 'squad/jsa/*', else a substring); repeatable")
     p.add_argument("--budget-minutes", type=float, help="end this chunk within N minutes (see above)")
+    p.add_argument("--precision", choices=PRECISIONS, help="of every unit (default: the one --results/campaign.json "
+                                                            "records, else bf16; see above)")
     p.add_argument("--seeds", default="0,1,2", help="seeds of the repeated runs (default 0,1,2; RA-DIT and BGM take the first)")
     p.add_argument("--set", action="append", default=[], metavar="[GROUP:]KEY=VALUE",
                    help="a training setting for every run, or for one group's (squad, dstc11)")
@@ -1074,8 +1132,17 @@ def main(argv: list[str] | None = None) -> int:
             report(plan, state)
             return 0
         print_plan(plan, state, runner)
+        refusal = slow_precision(opts.precision)
         if opts.dry_run:
+            if refusal:
+                say(f"note: {refusal}")
             return 0
+        if refusal:
+            print(f"campaign: error: {refusal}", file=sys.stderr)
+            return 2
+        if not opts.recorded:
+            Path(opts.results).mkdir(parents=True, exist_ok=True)
+            (Path(opts.results) / "campaign.json").write_text(json.dumps({"precision": opts.precision}) + "\n", encoding="utf-8")
         try:
             code = runner.run()
         except KeyboardInterrupt:

@@ -41,13 +41,13 @@ def tiny(tmp_path, files, index_dir, tiny_dir):
     returns (exit status, the jointrag commands it ran)."""
     module = load_driver()
     sets = {
-        "train.steps": 2, "train.batch_size": 2, "train.precision": "fp32", "train.save_every": 1,
+        "train.steps": 2, "train.batch_size": 2, "train.save_every": 1,
         "method.proposals": 5, "eval.limit": 2, "eval.max_new_tokens": 3, "model.max_prompt_tokens": 256,
         "model.generator": tiny_dir / "causal", "bgm.bridge": tiny_dir / "causal", "bgm.max_len": 2,
         "squad:model.index": index_dir, "squad:data.train": files["qa"], "squad:data.dev": files["qa"],
         "squad:data.test": files["qa"], "dstc11:eval.k": 3,
     }
-    base = ["--runs", tmp_path / "runs", "--results", tmp_path / "results", "--in-process", "--seeds", "0,1",
+    base = ["--runs", tmp_path / "runs", "--results", tmp_path / "results", "--in-process", "--seeds", "0,1", "--precision", "fp32",
             "--dialog", DSTC9, "--dialog-format", "dstc9", "--retriever", tiny_dir / "encoder",
             "--sec-per-step", "0.01", "--questions-per-second", "1000", "--startup-seconds", "0.01"]
     for key, value in sets.items():
@@ -105,6 +105,14 @@ def test_the_whole_campaign_on_tiny_models_then_nothing_to_do(tiny, capsys):
     assert [s["key"] for s in radit["stages"]] == ["squad:ra-dit-lm", "squad:ra-dit-lsr"]
     timings = [json.loads(line) for line in (results / "timings.jsonl").read_text().splitlines()]
     assert len(timings) == len(calls) - 0 and {t["kind"] for t in timings} == {"prep", "train", "pipeline", "eval"}
+    # one precision for every unit, recorded: the training runs, the untrained pipeline and the DSTC11 index
+    assert json.loads((results / "campaign.json").read_text()) == {"precision": "fp32"}
+    assert {t["precision"] for t in timings} == {"fp32"} and summary["precision"] == "fp32"
+    for argv in calls:
+        if argv[0] == "train":
+            assert "train.precision=fp32" in argv, argv
+        elif argv[0] == "index" or (argv[0] == "eval" and "--checkpoint" not in argv):
+            assert argv[argv.index("--precision") + 1] == "fp32", argv
     # BGM's PPO stage starts from the supervised bridge and shares its silver file
     ppo = next(argv for argv in calls if any("bgm-ppo" in a for a in argv) or "squad/bgm/ppo" in " ".join(argv))
     assert any(a.startswith("bgm.reference=") and a.endswith("sl/checkpoint") for a in ppo)
@@ -267,6 +275,37 @@ def test_settings_reach_the_runs_and_their_evaluations(driver, tmp_path, capsys)
     assert "(fallback)" in out
 
 
+def test_one_precision_for_the_whole_campaign(driver, tmp_path, capsys, monkeypatch):
+    """The precision --results/campaign.json records is the campaign's: another is refused, naming the
+    record, as is --set train.precision (it would miss the evaluations); bf16 where it is emulated refuses
+    to run, and a dry run says so."""
+    import jointrag.runtime
+
+    base = ["--runs", str(tmp_path / "r"), "--results", str(tmp_path / "s")]
+    assert driver.main([*base, "--dry-run", "--set", "squad:train.precision=fp32"]) == 2
+    assert "with --precision, not --set train.precision" in capsys.readouterr().err
+    (tmp_path / "s").mkdir()
+    record = tmp_path / "s" / "campaign.json"
+    record.write_text('{"precision": "bf16"}')
+    assert driver.main([*base, "--dry-run", "--precision", "fp32"]) == 2
+    err = capsys.readouterr().err
+    assert "the units in" in err and "ran at bf16" in err and str(record) in err
+
+    monkeypatch.setattr(jointrag.runtime, "bf16_supported", lambda device: False)
+    assert driver.main([*base, "--dry-run"]) == 0
+    assert "note: this campaign runs at bf16" in capsys.readouterr().out
+    calls = []
+    monkeypatch.setattr(driver, "run_jointrag", lambda argv, opts, deadline: calls.append(argv) or 1)
+    assert driver.main([*base, "--only", "squad/untrained/test"]) == 2 and calls == []
+    assert "does not run fast" in capsys.readouterr().err
+    monkeypatch.setattr(jointrag.runtime, "bf16_supported", lambda device: True)
+    assert driver.main([*base, "--only", "squad/untrained/test"]) == 1  # it ran (the fake command failed)
+    assert calls and calls[0][calls[0].index("--precision") + 1] == "bf16"
+
+    record.write_text('{"precision": "fp16"}')
+    assert driver.main([*base, "--dry-run"]) == 2 and "field 'precision' is 'fp16'" in capsys.readouterr().err
+
+
 def test_a_child_process_stopped_at_the_deadline_resumes_in_the_next_chunk(tmp_path, files, index_dir, tiny_dir):
     """The real mode: each unit a `python -m jointrag` child, interrupted when the budget is spent; the
     training run keeps its last checkpoint and the next chunk resumes it."""
@@ -276,8 +315,8 @@ def test_a_child_process_stopped_at_the_deadline_resumes_in_the_next_chunk(tmp_p
     def chunk(*argv, timeout=300):
         command = [sys.executable, str(ROOT / "scripts" / "campaign.py"), "--runs", str(tmp_path / "runs"),
                    "--results", str(tmp_path / "results"), "--only", "squad/rag-sequence/s0/train",
-                   "--sec-per-step", "0.01", "--startup-seconds", "1"]
-        for setting in ("train.batch_size=2", "train.precision=fp32", "train.save_every=2", "eval.limit=2",
+                   "--sec-per-step", "0.01", "--startup-seconds", "1", "--precision", "fp32"]
+        for setting in ("train.batch_size=2", "train.save_every=2", "eval.limit=2",
                         "eval.max_new_tokens=3", "model.max_prompt_tokens=256", f"model.generator={tiny_dir / 'causal'}",
                         f"squad:model.index={index_dir}", f"squad:data.train={files['qa']}", f"squad:data.dev={files['qa']}",
                         f"squad:data.test={files['qa']}"):
