@@ -429,6 +429,29 @@ def test_resume_continues_with_the_runs_own_settings(capsys, files, index_dir, t
     assert torch.load(out / "checkpoint" / "trainer.pt", weights_only=True)["step"] == 2
 
 
+def test_resume_refuses_a_silent_change_of_precision(capsys, files, index_dir, tiny_dir, tmp_path, monkeypatch):
+    """A run trained at fp32, resumed where `auto` means bf16, is refused before the models load, naming
+    the checkpoint and both ways on; an explicit precision continues and says so."""
+    import jointrag.runtime
+
+    out = tmp_path / "run"
+    assert main(train_argv(files, index_dir, tiny_dir, out, "rag-sequence", 1, "eval.limit=1")) == 0
+    assert torch.load(out / "checkpoint" / "trainer.pt", weights_only=True)["precision"] == "fp32"
+    capsys.readouterr()
+    monkeypatch.setattr(jointrag.runtime, "bf16_supported", lambda device: True)
+    assert_user_error(capsys, *train_argv(files, index_dir, tiny_dir, out, "rag-sequence", 2, "eval.limit=1",
+                                          "train.precision=auto"), "--resume",
+                      names=(str(out / "checkpoint"), "was trained at fp32", "auto means bf16",
+                             "--set train.precision=fp32", "--set train.precision=bf16"))
+    assert torch.load(out / "checkpoint" / "trainer.pt", weights_only=True)["step"] == 1
+    code, _, err = run(capsys, *train_argv(files, index_dir, tiny_dir, out, "rag-sequence", 2, "eval.limit=1",
+                                           "train.precision=bf16"), "--resume")
+    assert code == 0, err
+    assert f"{out / 'checkpoint'} was trained at fp32; it continues at bf16" in err
+    saved = torch.load(out / "checkpoint" / "trainer.pt", weights_only=True)
+    assert saved["step"] == 2 and saved["precision"] == "bf16"
+
+
 def test_the_default_index_lives_in_jointrag_home(monkeypatch, tmp_path):
     from jointrag.retrieval.resolve import default_index_dir
 

@@ -278,6 +278,7 @@ class Trainer:
         torch.save(weights, tmp / "weights.pt")
         torch.save({
             "step": self.step,
+            "precision": self.precision,  # `train.run.check_precision` compares it on --resume
             "optimizer": optimizer,
             "scheduler": self.scheduler.state_dict(),
             "rng": rng,
@@ -451,7 +452,8 @@ class Trainer:
         self.system.train()
         pending: dict[str, list[float]] = {}
         # the bar is closed on errors too, so an error message never lands on the bar's line
-        bar = tqdm(total=c.steps, initial=self.step, unit="step", desc=f"training {self.config.method.name}",
+        where = f"{self.system.generator.device}, {self.precision}"  # say what `auto` chose
+        bar = tqdm(total=c.steps, initial=self.step, unit="step", desc=f"training {self.config.method.name} ({where})",
                    dynamic_ncols=True, disable=not main)
         with bar, StopRequest() as stop:
             while self.step < c.steps:
