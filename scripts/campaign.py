@@ -36,7 +36,7 @@ in the next chunk); a unit still running at the deadline is interrupted (a train
 it is in). Units that do not fit are left for the next chunk, and later ones that fit still run.
 
 Precision: every unit runs at one precision, `--precision` (bf16 or fp32), recorded in
---results/campaign.json when the first unit is recorded; a later chunk takes it from there and refuses
+--results/campaign.json when the first chunk starts; a later chunk takes it from there and refuses
 another (its runs would not pair with the earlier ones: use other --runs and --results). Training runs
 get `train.precision`, the untrained pipeline's evaluations and the DSTC11 index `--precision`, and the
 trained models' evaluations follow their runs. bf16 runs only where it is fast (a CPU with AVX512-BF16
