@@ -74,9 +74,10 @@ def whole_rows(path: Path) -> list[dict]:
     return rows
 
 
-def read_tensors(path: str | Path) -> Any:
-    """The tensors and plain values of a file written by `torch.save`, on the CPU; a UserError for a file
-    that holds anything else (a pickled object, whose loading could run code) or is damaged."""
+def read_tensors(path: str | Path, mmap: bool = False) -> Any:
+    """The tensors and plain values of a file written by `torch.save`, on the CPU (`mmap`: memory-mapped,
+    read only where used); a UserError for a file that holds anything else (a pickled object, whose
+    loading could run code) or is damaged."""
     import pickle
 
     import torch
@@ -85,7 +86,7 @@ def read_tensors(path: str | Path) -> Any:
     if not path.is_file():
         raise UserError(f"{path}: missing")
     try:
-        return torch.load(path, weights_only=True, map_location="cpu")
+        return torch.load(path, weights_only=True, map_location="cpu", mmap=mmap)
     except pickle.UnpicklingError as error:
         reason = str(error).strip().splitlines()[0]
         raise UserError(f"{path}: refused: it holds more than tensors and plain values, and loading it could run code "

@@ -11,7 +11,7 @@ import yaml
 from .. import distributed
 from ..config import RunConfig, to_dict
 from ..errors import UserError
-from ..io import check_out_dir, check_tensor_file, exclusive
+from ..io import check_out_dir, check_tensor_file, exclusive, read_tensors
 from ..methods._base import CHECKPOINT
 from ..runtime import default_device, resolve_precision
 from .build import check_held_out, entry
@@ -41,11 +41,9 @@ def check_precision(config: RunConfig, checkpoints: list[Path]) -> None:
     """Refuse to resume a run trained at another precision than `train.precision=auto` means here (a bf16
     run on a machine without fast bf16): it would change precision part-way without a word. An explicit
     `train.precision` continues at it, and says so. Checkpoints older than the record pass."""
-    import torch
-
     here = resolve_precision(config.train.precision, default_device())
     for checkpoint in checkpoints:
-        saved = torch.load(checkpoint / "trainer.pt", map_location="cpu", weights_only=True, mmap=True).get("precision")
+        saved = read_tensors(checkpoint / "trainer.pt", mmap=True).get("precision")
         if saved is None or saved == here:
             continue
         if config.train.precision == "auto":
