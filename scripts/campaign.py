@@ -346,7 +346,7 @@ def choose_precision(opts) -> None:
     for `--set train.precision`, which would reach the training runs only."""
     from jointrag.errors import UserError
 
-    if any(s.split(":", 1)[-1].split("=", 1)[0] == "train.precision" for s in opts.set):
+    if any(s.split("=", 1)[0].split(":", 1)[-1] == "train.precision" for s in opts.set):  # [GROUP:]KEY=VALUE
         raise UserError("set the campaign's precision with --precision, not --set train.precision: the untrained "
                         "pipeline's evaluations and the DSTC11 index follow --precision too")
     record = Path(opts.results) / "campaign.json"
@@ -369,11 +369,10 @@ def slow_precision(precision: str) -> str | None:
     """Why this machine should not run units at `precision` (bf16 emulated, many times slower), or None."""
     if precision != "bf16":
         return None
-    import torch
-    from jointrag.runtime import bf16_supported, use_cuda
+    from jointrag.runtime import default_device, resolve_precision
 
-    device = torch.device("cuda" if use_cuda() else "cpu")
-    if bf16_supported(device):
+    device = default_device()
+    if resolve_precision("auto", device) == "bf16":
         return None
     return (f"this campaign runs at bf16 (--precision), which this machine's {device.type} does not run fast (bf16 "
             "matrix math needs AVX512-BF16 or AMX on a CPU, or a GPU with bf16): run it on such a machine, or start "
