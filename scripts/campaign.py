@@ -16,8 +16,9 @@ the four SQuAD methods, last those of DSTC11 and the passage tower):
   out as dev), indexed, the untrained pipeline, then RAG-Sequence and JSA-RAG at the same budget;
 - squad/ra-dit: the RA-DIT pipeline (LM-ft and R-ft, 911 steps each), then its four models (base,
   LM-ft, R-ft, both) on test with top-1 and ensemble decoding and on dev with top-1;
-- squad/bgm: the supervised bridge (300 questions with silver sequences), PPO from it (120 steps),
-  then the SL and SL + PPO bridges and the top-5-passages prompt on test and dev.
+- squad/bgm: the supervised bridge (300 questions with silver sequences, kept in --results/squad/bgm/
+  silver.jsonl), PPO from it (120 steps), then the SL and SL + PPO bridges and the top-5-passages prompt
+  on test and dev.
 
 A unit is one `jointrag` command (or a data preparation step). It is done when its output is there: an
 evaluation's metrics.json (under --runs, or its copy under --results, which is committed), a
@@ -290,8 +291,10 @@ def build_plan(opts) -> list[Unit]:
         plan.evaluate_run(squad, radit, f"squad/ra-dit/{model}", family="ra-dit", label=f"ra-dit-{model}",
                           decodes=("top1", "ensemble"), checkpoint=radit.out / checkpoint)
 
-    # BGM: the supervised bridge, PPO from it, then both bridges and the top-5-passages prompt
-    silver = f"bgm.silver={runs / 'squad' / 'bgm' / 'silver.jsonl'}"
+    # BGM: the supervised bridge, PPO from it, then both bridges and the top-5-passages prompt. The silver
+    # sequences (most of stage 1's time, a small JSONL) go under --results, which is committed, so a search
+    # interrupted at a chunk's end goes on in the next chunk even on a machine that kept no --runs.
+    silver = f"bgm.silver={plan.results / 'squad' / 'bgm' / 'silver.jsonl'}"
     sl = plan.train(squad, "squad/bgm/sl", "bgm-sl.yaml", seeds[0], (silver,))
     ppo = plan.train(squad, "squad/bgm/ppo", "bgm-ppo.yaml", seeds[0], (silver, f"bgm.reference={sl.out / 'checkpoint'}"),
                      needs=(sl.name,))

@@ -116,7 +116,7 @@ def test_the_whole_campaign_on_tiny_models_then_nothing_to_do(tiny, capsys):
     # BGM's PPO stage starts from the supervised bridge and shares its silver file
     ppo = next(argv for argv in calls if any("bgm-ppo" in a for a in argv) or "squad/bgm/ppo" in " ".join(argv))
     assert any(a.startswith("bgm.reference=") and a.endswith("sl/checkpoint") for a in ppo)
-    assert (tiny.root / "runs" / "squad" / "bgm" / "silver.jsonl").is_file()
+    assert (results / "squad" / "bgm" / "silver.jsonl").is_file()  # committed: a new machine goes on from it
     # the compare tables: every method against rag-sequence and against the untrained pipeline
     tables = {p.name for p in (results / "compare").glob("*.txt")}
     for name in ("squad-test-main-vs-rag-sequence", "squad-test-main-vs-untrained", "squad-dev-main-vs-untrained",
